@@ -1,0 +1,37 @@
+"""The one place where attention is dispatched on what the cache returned.
+
+``keys`` / ``values`` are whatever ``cache.update_and_fetch`` returned (for a KV-shared consumer,
+what its producer's cache returned): plain arrays, mlx-lm's quantized tuples (QuantizedKVCache),
+or a compressed view that knows how to attend to itself (TurboQuant caches).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+
+def attend(
+    queries: mx.array,  # (B, n_heads, L, D)
+    keys: Any,
+    values: Any,
+    *,
+    scale: float,
+    mask: Any = None,
+    cache: Any = None,
+) -> mx.array:  # (B, n_heads, L, D)
+    if hasattr(keys, "attend"):  # a compressed view: never dequantized as a whole
+        return keys.attend(queries, scale=scale, mask=mask)
+    if isinstance(keys, tuple):  # mlx-lm affine-quantized keys: (packed, scales, biases)
+        return quantized_scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            scale=scale,
+            mask=mask,
+            group_size=cache.group_size,
+            bits=cache.bits,
+        )
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

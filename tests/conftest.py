@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """name -> (checkpoint dir, transformers reference model), built once per session."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{name}")
+            cache[name] = tiny.write_checkpoint(name, out)
+        return cache[name]
+
+    return get

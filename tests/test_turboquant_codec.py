@@ -1,0 +1,190 @@
+"""TurboQuant codec: codebooks, packing, MSE/prod codecs, edge cases."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from turboquant.codebook import GAUSSIAN_CENTROIDS, GAUSSIAN_MSE, codebook
+from turboquant.codec import CodecSpec, bits_per_channel, decode, decode_rotated, encode, rotate
+from turboquant.packing import pack, packed_words, unpack
+from turboquant.rotation import Rotation
+
+
+def _unit(n, d, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@given(
+    bits=st.integers(1, 8),
+    n=st.integers(1, 300),
+    lead=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+@settings(max_examples=60, deadline=None)
+def test_pack_unpack_round_trip(bits, n, lead, seed):
+    idx = np.random.default_rng(seed).integers(0, 2**bits, size=(lead, n))
+    packed = pack(mx.array(idx), bits)
+    assert packed.dtype == mx.uint32 and packed.shape[-1] == packed_words(n, bits) == math.ceil(
+        n * bits / 32
+    )
+    assert np.array_equal(np.array(unpack(packed, bits, n)), idx)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_codebook_matches_gaussian_lloyd_max_for_large_d(bits):
+    cb = codebook(512, bits)
+    upper = cb.centroids[len(cb.centroids) // 2 :] * math.sqrt(512)
+    print(
+        f"b={bits}: centroids*sqrt(d) {np.round(upper, 4)} vs {GAUSSIAN_CENTROIDS[bits]}; mse {cb.mse_per_vector:.4f}"
+    )
+    assert np.allclose(upper, GAUSSIAN_CENTROIDS[bits], rtol=0.01)
+    assert abs(cb.mse_per_vector - GAUSSIAN_MSE[bits]) / GAUSSIAN_MSE[bits] < 0.01
+    assert np.allclose(cb.centroids, -cb.centroids[::-1])  # symmetric law, symmetric codebook
+
+
+def test_codebooks_exist_up_to_8_bits_and_beat_the_lower_bound():
+    for bits in range(1, 9):
+        cb = codebook(256, bits)
+        assert len(cb.centroids) == 2**bits and np.all(np.diff(cb.centroids) > 0)
+        assert 4.0**-bits <= cb.mse_per_vector <= math.sqrt(3) * math.pi / 2 * 4.0**-bits
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "qr"])
+def test_rotation_is_orthonormal_and_invertible(kind):
+    rot = Rotation(128, seed=3, kind=kind)
+    x = mx.array(_unit(50, 128))
+    y = rot.forward(x)
+    assert np.allclose(np.linalg.norm(np.array(y), axis=1), 1, atol=1e-5)
+    assert np.allclose(np.array(rot.inverse(y)), np.array(x), atol=1e-5)
+
+
+def test_hadamard_signs_come_before_the_transform():
+    """The all-ones vector is a Hadamard column: H alone (or signs applied after H) maps it to a
+    single spike; random signs applied before spread it over every coordinate."""
+    ones = mx.ones((1, 64)) / 8.0
+    y = np.array(Rotation(64, 0).forward(ones))
+    print(f"max |coordinate| after rotation: {np.abs(y).max():.3f} (a spike would be 1.0)")
+    assert np.abs(y).max() < 0.6
+    assert np.abs(np.array(mx.hadamard_transform(ones))).max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_codebook_points_round_trip_exactly(bits):
+    """The scalar quantizer maps every centroid to its own index, and back to itself."""
+    from turboquant.codec import _nearest
+
+    cb = codebook(256, bits)
+    centroids = mx.array(cb.centroids.astype(np.float32))
+    idx = _nearest(centroids, cb.boundaries_mx, bits)
+    assert np.array_equal(np.array(idx), np.arange(2**bits))
+    assert np.array_equal(np.array(cb.centroids_mx[idx]), np.array(centroids))
+
+
+@pytest.mark.parametrize("bits", [2, 3.5, 5])
+def test_decoded_vectors_re_encode_to_the_same_codes(bits):
+    """encode(decode(encode(x))) == encode(x): decoded vectors are fixed points of the codec."""
+    spec = CodecSpec(128, bits, norm_correction=False)
+    first = encode(mx.array(_unit(200, 128) * 5.0), spec)
+    second = encode(decode(first, spec), spec)
+    same = np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(first.codes, second.codes)])
+    print(f"{bits} bits: {same:.4f} of code words identical after re-encoding")
+    assert same > 0.98
+
+
+def test_zero_vectors_decode_to_zero_and_tiny_huge_norms():
+    spec = CodecSpec(64, 4)
+    x = np.zeros((3, 64), np.float32)
+    x[1] = _unit(1, 64)[0] * 1e-3
+    x[2] = _unit(1, 64, 1)[0] * 6e4
+    out = np.array(decode(encode(mx.array(x), spec), spec))
+    assert np.all(out[0] == 0)
+    for i in (1, 2):
+        rel = np.linalg.norm(out[i] - x[i]) / np.linalg.norm(x[i])
+        assert rel < 0.15, rel
+    with pytest.raises(ValueError, match="float16"):
+        encode(mx.array(_unit(1, 64) * 1e6), spec)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_an_error(bad):
+    x = _unit(2, 64)
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        encode(mx.array(x), CodecSpec(64, 3))
+
+
+def test_invalid_specs_are_errors():
+    with pytest.raises(ValueError, match="bits must be in 1..8"):
+        CodecSpec(64, 9)
+    with pytest.raises(ValueError, match="prod codec bits must be in 2..9"):
+        CodecSpec(64, 1.5, "prod")
+    with pytest.raises(ValueError, match="cannot be split exactly"):
+        CodecSpec(64, 3.3)
+    with pytest.raises(ValueError, match="no Hadamard"):
+        Rotation(96 * 3, kind="hadamard")
+
+
+@pytest.mark.parametrize("bits, d", [(3.5, 256), (2.5, 512), (4, 128)])
+def test_stored_bits_per_channel_are_what_is_advertised(bits, d):
+    spec = CodecSpec(d, bits)
+    measured = bits_per_channel(spec)
+    print(f"{bits} bits, d={d}: {measured:.4f} stored bits/channel")
+    assert measured == pytest.approx(bits + 16 / d)
+    assert bits_per_channel(CodecSpec(d, bits, "prod")) == pytest.approx(bits + 32 / d)
+
+
+def test_mse_codec_distortion_close_to_lloyd_max():
+    x = _unit(4000, 256)
+    for bits in (1, 2, 3, 4):
+        spec = CodecSpec(256, bits, norm_correction=False)
+        mse = np.mean(np.sum((np.array(decode(encode(mx.array(x), spec), spec)) - x) ** 2, 1))
+        print(f"b={bits}: mse {mse:.4f} vs {GAUSSIAN_MSE[bits]}")
+        assert abs(mse - GAUSSIAN_MSE[bits]) / GAUSSIAN_MSE[bits] < 0.03
+
+
+def test_prod_codec_is_unbiased_where_mse_shrinks():
+    """<x, x~> for unit x: MSE gives 1 - D (a shrink), prod gives 1 on average."""
+    x = _unit(4000, 256, seed=5)
+    X = mx.array(x)
+    for kind, bits in (("mse", 2), ("prod", 3)):
+        spec = CodecSpec(256, bits, kind, norm_correction=False)
+        ip = np.sum(np.array(decode(encode(X, spec), spec)) * x, axis=1)
+        err = ip - 1.0
+        mean, se = err.mean(), err.std() / np.sqrt(len(err))
+        print(f"{kind} {bits} bits: mean error {mean:.4f} (s.e. {se:.4f})")
+        if kind == "prod":
+            assert abs(mean) < 3 * se
+        else:
+            assert mean == pytest.approx(-GAUSSIAN_MSE[2], rel=0.05)
+
+
+@pytest.mark.parametrize("qjl", ["gaussian", "orthogonal"])
+def test_prod_inner_product_estimator_unbiased_for_both_sketches(qjl):
+    x = _unit(3000, 128, seed=7)
+    q = x + 0.5 * _unit(3000, 128, seed=8)  # correlated queries: a large true inner product
+    spec = CodecSpec(128, 2, "prod", qjl=qjl)
+    est = np.sum(np.array(decode(encode(mx.array(x), spec), spec)) * q, axis=1)
+    err = est - np.sum(x * q, axis=1)
+    print(f"{qjl}: mean error {err.mean():.5f}, s.e. {err.std() / np.sqrt(len(err)):.5f}")
+    assert abs(err.mean()) < 3 * err.std() / np.sqrt(len(err))
+
+
+def test_norm_correction_restores_the_norm():
+    x = _unit(100, 128) * 7.0
+    spec = CodecSpec(128, 2, norm_correction=True)
+    out = np.array(decode(encode(mx.array(x), spec), spec))
+    assert np.allclose(np.linalg.norm(out, axis=1), 7.0, rtol=2e-3)
+
+
+def test_rotated_domain_inner_products_equal_original():
+    x, q = _unit(10, 128), _unit(10, 128, 1)
+    spec = CodecSpec(128, 4)
+    enc = encode(mx.array(x), spec)
+    a = np.sum(np.array(decode_rotated(enc, spec)) * np.array(rotate(mx.array(q), spec)), 1)
+    b = np.sum(np.array(decode(enc, spec)) * q, 1)
+    assert np.allclose(a, b, atol=1e-5)

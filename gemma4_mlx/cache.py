@@ -1,18 +1,99 @@
-"""The cache plan: which KV cache each decoder layer gets.
+"""The cache plan: which KV cache each decoder layer gets, from the config and a KV policy.
 
-One function decides it for every variant: global (full-attention) layers get a growing cache,
-sliding layers a ring buffer of ``sliding_window`` tokens, and KV-shared consumer layers nothing
-(they read their producer's keys/values). The list has one entry per cache-owning layer, in layer
-order; consumers always come last in Gemma 4, so mlx-lm's generate_step sees a plain list.
+One function decides it for every variant. KV-shared consumer layers get nothing (they read
+their producer's keys/values, compressed or not: quantized once, never twice). Sliding layers get
+a ring buffer of ``sliding_window`` tokens (bounded memory; REFERENCE.md measured that quantizing
+them costs quality for little memory). Global layers, which hold nearly all KV memory at long
+context, get what the policy says:
+
+- ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
+- ``affine``: mlx-lm's QuantizedKVCache (group-wise affine, ``bits`` 2..8), for comparison;
+- ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
+  Gemma: an average of 3.5 defaults to K5/V2), a window of recent tokens kept exact, codec
+  ``mse`` (with norm correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from gemma4_mlx.config import LayerSpec, TextConfig
+from gemma4_mlx.errors import UserError
+
+KV_KINDS = ("fp16", "affine", "turboquant")
+# Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
+DEFAULT_SPLITS = {
+    2.5: (3, 2),
+    3.0: (4, 2),
+    3.5: (5, 2),
+    4.0: (5, 3),
+    4.5: (5, 4),
+    5.0: (6, 4),
+    6.0: (7, 5),
+    8.0: (8, 8),
+}
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    kind: str = "fp16"
+    bits: float | None = None  # average of key and value bits (turboquant) or affine bits
+    key_bits: float | None = None
+    value_bits: float | None = None
+    codec: str = "mse"  # turboquant: "mse" | "prod"
+    fp_window: int = 256  # turboquant: most recent tokens kept exact
+    keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
+    group_size: int = 64  # affine
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KV_KINDS:
+            raise UserError(f"--kv-cache must be one of {', '.join(KV_KINDS)}, got {self.kind!r}")
+        if self.codec not in ("mse", "prod"):
+            raise UserError(f"--kv-codec must be 'mse' or 'prod', got {self.codec!r}")
+        if self.fp_window < 0:
+            raise UserError(f"--kv-window must be >= 0, got {self.fp_window}")
+        if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
+            raise UserError(
+                f"--kv-bits for the affine cache must be 2, 3, 4, 5, 6 or 8, got {self.bits}"
+            )
+        if self.kind == "turboquant":
+            low, high = (2, 9) if self.codec == "prod" else (1, 8)
+            for name, b in zip(("--key-bits", "--value-bits"), self.resolved_bits()):
+                if not low <= b <= high or (b * 2) != int(b * 2):
+                    raise UserError(f"{name} must be in {low}..{high} in steps of 0.5, got {b}")
+
+    def resolved_bits(self) -> tuple[float, float]:
+        """(key bits, value bits)."""
+        if self.kind == "affine":
+            b = self.bits if self.bits is not None else 4
+            return b, b
+        avg = self.bits if self.bits is not None else 3.5
+        if self.bits is not None and not 1 <= self.bits <= 9:
+            raise UserError(f"--kv-bits must be in 1..8, got {self.bits}")
+        k_default, v_default = DEFAULT_SPLITS.get(float(avg), (avg, avg))
+        key = (
+            self.key_bits
+            if self.key_bits is not None
+            else (2 * avg - self.value_bits if self.value_bits is not None else k_default)
+        )
+        value = (
+            self.value_bits
+            if self.value_bits is not None
+            else (2 * avg - self.key_bits if self.key_bits is not None else v_default)
+        )
+        return float(key), float(value)
+
+    def describe(self) -> str:
+        if self.kind == "fp16":
+            return "fp16 (model dtype)"
+        if self.kind == "affine":
+            return f"affine {self.resolved_bits()[0]:g}-bit (group {self.group_size})"
+        k, v = self.resolved_bits()
+        return f"turboquant {self.codec} K{k:g}/V{v:g}, {self.fp_window} recent tokens exact"
 
 
 def cache_layers(config: TextConfig) -> list[LayerSpec]:
@@ -20,14 +101,38 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
     return [spec for spec in config.layers if not spec.is_kv_shared]
 
 
-def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: Any = None) -> Any:
+def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
         return RotatingKVCache(max_size=config.sliding_window, keep=0)
-    return KVCache()
+    if policy.kind == "fp16" or spec.index in policy.keep_layers:
+        return KVCache()
+    if policy.kind == "affine":
+        group = policy.group_size if spec.head_dim % policy.group_size == 0 else 32
+        if spec.head_dim % group:
+            raise UserError(
+                f"the affine KV cache needs head_dim divisible by 32, got {spec.head_dim}"
+            )
+        return QuantizedKVCache(group_size=group, bits=int(policy.resolved_bits()[0]))
+    from turboquant.cache import TurboQuantKVCache
+    from turboquant.codec import CodecSpec
+
+    key_bits, value_bits = policy.resolved_bits()
+    seed = policy.seed + spec.index
+    norm_correction = policy.codec == "mse"
+    try:
+        key_spec = CodecSpec(spec.head_dim, key_bits, policy.codec, norm_correction, seed=seed)
+        value_spec = CodecSpec(spec.head_dim, value_bits, policy.codec, norm_correction, seed=seed)
+    except ValueError as e:
+        raise UserError(f"KV cache settings: {e}") from None
+    return TurboQuantKVCache(key_spec, value_spec, fp_window=policy.fp_window)
 
 
-def make_cache(config: Any, policy: Any = None) -> list[Any]:
+def make_cache(config: Any, policy: KVPolicy | dict | None = None) -> list[Any]:
     """One cache per cache-owning layer. ``config`` is a TextConfig or a model with ``.config``."""
     if not isinstance(config, TextConfig):
         config = config.config
+    if policy is None:
+        policy = KVPolicy()
+    elif isinstance(policy, dict):
+        policy = KVPolicy(**policy)
     return [make_layer_cache(config, spec, policy) for spec in cache_layers(config)]

@@ -1,0 +1,113 @@
+"""Attention over a TurboQuant cache, block by block with an online softmax.
+
+Queries are rotated once (<R q, R k> = <q, k>), compressed keys are decoded one block of tokens
+at a time in the rotated domain, and values are accumulated in the rotated domain and rotated back
+once at the end. The exact recent-token window is attended in the original domain with its own
+accumulator that shares the running max and sum. Peak extra memory is one block of decoded
+keys/values and one block of scores, whatever the context length: never a full-precision copy
+of the cache, never the full query x key score matrix.
+
+Masks come from positions: the queries are the last L tokens of the cache; keys are visible if
+causal (k <= q) and, for a sliding window w, q - k < w. An explicit array mask (..., L, offset)
+from mlx-lm is applied on top, sliced per block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+from turboquant.codec import decode_rotated, rotate, unrotate
+
+SCORE_BUDGET = 1 << 22  # floats in one block of scores (16 MiB in float32)
+KV_BUDGET = 1 << 22  # floats in one block of decoded keys (and as many values)
+
+
+def _block_tokens(rows: int, kv_rows: int, dim: int) -> int:
+    by_scores = SCORE_BUDGET // max(rows, 1)
+    by_kv = KV_BUDGET // max(kv_rows * dim, 1)
+    return max(64, min(by_scores, by_kv) // 64 * 64)
+
+
+def _visible(q_pos: mx.array, start: int, end: int, window: int | None) -> mx.array:
+    k_pos = mx.arange(start, end)
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        ok = ok & (q_pos[:, None] - k_pos[None, :] < window)
+    return ok  # (L, T)
+
+
+def attention(
+    queries: mx.array,  # (B, n_q_heads, L, D)
+    view: Any,  # CompressedView
+    scale: float,
+    mask: Any = None,
+) -> mx.array:  # (B, n_q_heads, L, D), dtype of queries
+    cache = view.cache
+    window = cache.window
+    offset = view.offset
+    B, n_q, L, D = queries.shape
+    n_kv = cache.n_kv_heads
+    groups = n_q // n_kv
+    kspec, vspec = cache.key_spec, cache.value_spec
+    out_dtype = queries.dtype
+
+    # (B, n_kv, groups * L, D): every query head of a group against its kv head
+    q = (
+        (queries.astype(mx.float32) * scale)
+        .reshape(B, n_kv, groups, L, D)
+        .reshape(B, n_kv, groups * L, D)
+    )
+    q_rot = rotate(q, kspec)
+    q_pos = mx.arange(offset - L, offset)
+    array_mask = mask if isinstance(mask, mx.array) else None
+
+    if array_mask is not None and array_mask.ndim != 2:
+        raise NotImplementedError("TurboQuant attention takes (L, keys) array masks only")
+
+    def block_mask(start: int, end: int) -> mx.array:
+        ok = _visible(q_pos, start, end, window)  # (L, T)
+        if array_mask is not None:
+            extra = array_mask[:, start:end]
+            ok = ok & (extra if extra.dtype == mx.bool_ else extra > -1e30)
+        return mx.tile(ok, (groups, 1))  # rows are (group, query) pairs: (groups * L, T)
+
+    m = mx.full((B, n_kv, groups * L, 1), -mx.inf, dtype=mx.float32)
+    denom = mx.zeros((B, n_kv, groups * L, 1), dtype=mx.float32)
+    acc_rot = mx.zeros((B, n_kv, groups * L, D), dtype=mx.float32)  # rotated value domain
+    acc_fp = mx.zeros((B, n_kv, groups * L, D), dtype=mx.float32)  # exact window, original domain
+
+    def online(scores, start, end):
+        nonlocal m, denom, acc_rot, acc_fp
+        scores = mx.where(block_mask(start, end), scores, -mx.inf)
+        new_m = mx.maximum(m, mx.max(scores, axis=-1, keepdims=True))
+        safe_m = mx.where(mx.isinf(new_m), 0.0, new_m)  # rows that saw nothing visible yet
+        correction = mx.exp(m - safe_m)
+        p = mx.exp(scores - safe_m)
+        denom = denom * correction + mx.sum(p, axis=-1, keepdims=True)
+        acc_rot, acc_fp = acc_rot * correction, acc_fp * correction
+        m = new_m
+        return p
+
+    n_quantized = min(cache.n_quantized, offset)
+    first_visible = 0 if window is None else max(0, offset - L - window + 1)
+    step = _block_tokens(groups * L * B * n_kv, B * n_kv, D)
+    start = first_visible // step * step if n_quantized else 0
+    while start < n_quantized:
+        end = min(start + step, n_quantized)
+        k_enc, v_enc = cache.compressed_block(start, end)
+        k_rot = decode_rotated(k_enc, kspec)  # (B, n_kv, T, D)
+        scores = q_rot @ k_rot.swapaxes(-1, -2)
+        p = online(scores, start, end)
+        acc_rot = acc_rot + p @ decode_rotated(v_enc, vspec)
+        start = end
+
+    if cache.fp_keys is not None and offset > n_quantized:
+        fp_k = cache.fp_keys[:, :, : offset - n_quantized].astype(mx.float32)
+        fp_v = cache.fp_values[:, :, : offset - n_quantized].astype(mx.float32)
+        p = online(q @ fp_k.swapaxes(-1, -2), n_quantized, offset)
+        acc_fp = acc_fp + p @ fp_v
+
+    out = (unrotate(acc_rot, vspec) + acc_fp) / mx.maximum(denom, 1e-30)
+    return out.reshape(B, n_kv, groups, L, D).reshape(B, n_q, L, D).astype(out_dtype)

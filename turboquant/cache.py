@@ -1,0 +1,265 @@
+"""A TurboQuant-compressed KV cache that follows mlx-lm's cache protocol.
+
+Tokens are quantized as they arrive, except the ``fp_window`` most recent ones, which stay in
+full precision (on real Gemma weights a window of exact recent tokens is worth more than a bit of
+codebook). Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K
+and at 256K tokens. ``update_and_fetch`` returns a lightweight ``CompressedView`` (for keys and
+values alike) that attention understands: nothing is dequantized as a whole, ever.
+
+Protocol: ``update_and_fetch``, ``offset``, ``state`` (a nested dict of arrays, numbers and
+strings, so mlx-lm's ``save_prompt_cache`` writes it; load with ``load_prompt_cache`` below,
+which also knows mlx-lm's own cache classes), ``trim``, ``is_trimmable``, ``make_mask``,
+``nbytes`` (bytes actually allocated), ``empty``, ``size``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
+
+from turboquant.codec import CodecSpec, Encoded, encode, slice_encoded
+
+
+class CompressedView:
+    """What ``update_and_fetch`` returns: the cache's state at this moment, attendable."""
+
+    def __init__(self, cache: TurboQuantKVCache):
+        self.cache = cache
+        self.offset = cache.offset  # total tokens, the queries are the last ones
+
+    def attend(self, queries: mx.array, scale: float, mask: Any = None) -> mx.array:
+        from turboquant.attention import attention
+
+        return attention(queries, self, scale=scale, mask=mask)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # like a (B, n_kv_heads, tokens, D) key array
+        c = self.cache
+        return (c.batch, c.n_kv_heads, self.offset, c.key_spec.dim)
+
+
+def _encoded_like(enc: Encoded, capacity: int) -> Encoded:
+    """Zero storage for ``capacity`` tokens with the field layout of ``enc`` (B, H, T, ...)."""
+
+    def grow(a: mx.array | None):
+        if a is None:
+            return None
+        return mx.zeros((*a.shape[:2], capacity, *a.shape[3:]), a.dtype)
+
+    return Encoded(
+        tuple(grow(c) for c in enc.codes), grow(enc.norms), grow(enc.signs), grow(enc.res_norms)
+    )
+
+
+def _concat_encoded(a: Encoded, b: Encoded) -> Encoded:
+    def cat(x, y):
+        return None if x is None else mx.concatenate([x, y], axis=2)
+
+    return Encoded(
+        tuple(cat(x, y) for x, y in zip(a.codes, b.codes)),
+        cat(a.norms, b.norms),
+        cat(a.signs, b.signs),
+        cat(a.res_norms, b.res_norms),
+    )
+
+
+def _assign(store: Encoded, new: Encoded, start: int) -> None:
+    end = start + new.norms.shape[2]
+    for dst, src in zip(store.codes, new.codes):
+        dst[:, :, start:end] = src
+    store.norms[:, :, start:end] = new.norms
+    if store.signs is not None:
+        store.signs[:, :, start:end] = new.signs
+        store.res_norms[:, :, start:end] = new.res_norms
+
+
+class TurboQuantKVCache(mlx_cache._BaseCache):
+    """Growing compressed cache for global (full-attention) layers."""
+
+    step = 256
+
+    window: int | None = None  # no eviction here: a global layer sees every token
+
+    def __init__(self, key_spec: CodecSpec, value_spec: CodecSpec, fp_window: int = 0):
+        if fp_window < 0:
+            raise ValueError(f"fp_window must be >= 0, got {fp_window}")
+        self.key_spec = key_spec
+        self.value_spec = value_spec
+        self.fp_window = fp_window
+        self.offset = 0
+        self.n_quantized = 0  # tokens [0, n_quantized) are compressed, the rest exact
+        self.keys: Encoded | None = None  # (B, H, capacity, ...) compressed storage
+        self.values: Encoded | None = None
+        self.fp_keys: mx.array | None = None  # (B, H, <= fp_window, D) most recent tokens
+        self.fp_values: mx.array | None = None
+
+    # -- protocol -------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.fp_keys.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.fp_keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.norms.shape[2]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """keys, values: (B, n_kv_heads, L, D). Returns (view, view)."""
+        if self.fp_keys is None:
+            self.fp_keys, self.fp_values = keys, values
+        else:
+            self.fp_keys = mx.concatenate([self.fp_keys, keys], axis=2)
+            self.fp_values = mx.concatenate([self.fp_values, values], axis=2)
+        self.offset += keys.shape[2]
+        overflow = self.fp_keys.shape[2] - self.fp_window
+        if overflow > 0:
+            self._quantize(self.fp_keys[:, :, :overflow], self.fp_values[:, :, :overflow])
+            self.fp_keys = self.fp_keys[:, :, overflow:]
+            self.fp_values = self.fp_values[:, :, overflow:]
+        view = CompressedView(self)
+        return view, view
+
+    def _quantize(self, keys: mx.array, values: mx.array) -> None:
+        n = keys.shape[2]
+        k = encode(keys, self.key_spec, check_finite=False)
+        v = encode(values, self.value_spec, check_finite=False)
+        needed = self.n_quantized + n
+        if self.keys is None or needed > self.capacity:
+            chunks = -(-(needed - self.capacity) // self.step)
+            extra_k, extra_v = (
+                _encoded_like(k, chunks * self.step),
+                _encoded_like(v, chunks * self.step),
+            )
+            if self.keys is None:
+                self.keys, self.values = extra_k, extra_v
+            else:
+                self.keys = _concat_encoded(self.keys, extra_k)
+                self.values = _concat_encoded(self.values, extra_v)
+        _assign(self.keys, k, self.n_quantized)
+        _assign(self.values, v, self.n_quantized)
+        self.n_quantized = needed
+
+    def compressed_block(self, start: int, end: int) -> tuple[Encoded, Encoded]:
+        index = (slice(None), slice(None), slice(start, end))
+        return slice_encoded(self.keys, index), slice_encoded(self.values, index)
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.fp_keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        fp = self.fp_keys.shape[2] if self.fp_keys is not None else 0
+        from_fp = min(n, fp)
+        if from_fp:
+            self.fp_keys = self.fp_keys[:, :, : fp - from_fp]
+            self.fp_values = self.fp_values[:, :, : fp - from_fp]
+        self.n_quantized -= n - from_fp  # compressed slots past n_quantized are dead storage
+        self.offset -= n
+        return n
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
+        return mlx_cache.create_attention_mask(
+            N, offset=self.offset, return_array=return_array, window_size=window_size
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually allocated: compressed storage (with its growth slack) + exact window."""
+        total = 0
+        for enc in (self.keys, self.values):
+            if enc is not None:
+                total += enc.nbytes
+        for a in (self.fp_keys, self.fp_values):
+            if a is not None:
+                total += a.nbytes
+        return total
+
+    # -- save / load --------------------------------------------------------------------
+    @property
+    def state(self) -> dict:
+        def fields(enc: Encoded | None) -> Any:
+            if enc is None:
+                return None
+            live = slice_encoded(enc, (slice(None), slice(None), slice(0, self.n_quantized)))
+            return {
+                "codes": list(live.codes),
+                "norms": live.norms,
+                "signs": live.signs,
+                "res_norms": live.res_norms,
+            }
+
+        return {
+            "meta": {
+                "offset": self.offset,
+                "n_quantized": self.n_quantized,
+                "fp_window": self.fp_window,
+                "key_spec": json.dumps(asdict(self.key_spec)),
+                "value_spec": json.dumps(asdict(self.value_spec)),
+            },
+            "keys": fields(self.keys),
+            "values": fields(self.values),
+            "fp_keys": self.fp_keys,
+            "fp_values": self.fp_values,
+        }
+
+    @state.setter
+    def state(self, v: dict) -> None:
+        meta = v["meta"]
+        self.key_spec = CodecSpec(**json.loads(meta["key_spec"]))
+        self.value_spec = CodecSpec(**json.loads(meta["value_spec"]))
+        self.fp_window = int(meta["fp_window"])
+        self.offset = int(meta["offset"])
+        self.n_quantized = int(meta["n_quantized"])
+
+        def encoded(d):
+            if not d:
+                return None
+            return Encoded(tuple(d["codes"]), d["norms"], d.get("signs"), d.get("res_norms"))
+
+        self.keys, self.values = encoded(v.get("keys")), encoded(v.get("values"))
+        self.fp_keys, self.fp_values = v.get("fp_keys"), v.get("fp_values")
+
+    @property
+    def meta_state(self) -> str:
+        return ""
+
+
+def save_prompt_cache(path: str, cache: list[Any], metadata: dict[str, str] | None = None) -> None:
+    """mlx-lm's format; our caches' state is a nested dict it already serialises."""
+    mlx_cache.save_prompt_cache(path, cache, metadata)
+
+
+def load_prompt_cache(path: str, return_metadata: bool = False):
+    """mlx-lm's loader, but resolving our cache classes as well as mlx-lm's."""
+    from mlx.utils import tree_unflatten
+
+    arrays, meta = mx.load(path, return_metadata=True)
+    meta = tree_unflatten(list(meta.items()))
+    metadata, classes, scalars = meta
+    for pos, kind in scalars[1:]:
+        a = arrays[pos]
+        arrays[pos] = {
+            "scalar": lambda: a.item(),
+            "string": lambda: "".join(chr(i) for i in a.tolist()),
+            "none": lambda: None,
+        }[kind]()
+    states = tree_unflatten(list(arrays.items()))
+    registry = {"TurboQuantKVCache": TurboQuantKVCache}
+    cache = []
+    for name, state in zip(classes, states):
+        cls = registry.get(name) or getattr(mlx_cache, name)
+        cache.append(cls.from_state(state))
+    return (cache, metadata) if return_metadata else cache

@@ -251,11 +251,12 @@ def load_prompt_cache(path: str, return_metadata: bool = False):
     metadata, classes, scalars = meta
     for pos, kind in scalars[1:]:
         a = arrays[pos]
-        arrays[pos] = {
-            "scalar": lambda: a.item(),
-            "string": lambda: "".join(chr(i) for i in a.tolist()),
-            "none": lambda: None,
-        }[kind]()
+        if kind == "scalar":
+            arrays[pos] = a.item()
+        elif kind == "string":
+            arrays[pos] = "".join(chr(i) for i in a.tolist())
+        else:
+            arrays[pos] = None
     states = tree_unflatten(list(arrays.items()))
     registry = {"TurboQuantKVCache": TurboQuantKVCache}
     cache = []

@@ -72,7 +72,7 @@ class KVPolicy:
             b = self.bits if self.bits is not None else 4
             return b, b
         avg = self.bits if self.bits is not None else 3.5
-        if self.bits is not None and not 1 <= self.bits <= 9:
+        if self.bits is not None and not 1 <= self.bits <= 8:
             raise UserError(f"--kv-bits must be in 1..8, got {self.bits}")
         k_default, v_default = DEFAULT_SPLITS.get(float(avg), (avg, avg))
         key = (

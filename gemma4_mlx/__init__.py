@@ -1,6 +1,27 @@
-"""gemma4-mlx: Gemma 4 on MLX with a TurboQuant KV cache."""
+"""gemma4-mlx: Gemma 4 on MLX with a TurboQuant KV cache.
 
+from gemma4_mlx import load, generate, KVPolicy
+model, tokenizer = load("demo")
+result = generate(model, tokenizer, "The GPL is", max_tokens=32,
+                  kv_policy=KVPolicy("turboquant", bits=3.5))
+print(result.text)
+"""
+
+from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.errors import UserError
 
-__all__ = ["UserError"]
+# Imported eagerly: the function names shadow the submodule gemma4_mlx.generate (as in mlx-lm).
+from gemma4_mlx.generate import Chat, GenerationResult, SamplingOptions, generate, stream_generate
+from gemma4_mlx.loading import load
+
 __version__ = "0.1.0"
+__all__ = [
+    "Chat",
+    "GenerationResult",
+    "KVPolicy",
+    "SamplingOptions",
+    "UserError",
+    "generate",
+    "load",
+    "stream_generate",
+]

@@ -17,7 +17,6 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate as mlx_stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from gemma4_mlx.cache import KVPolicy, cache_layers
@@ -281,34 +280,46 @@ class Chat:
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens = [], None, []
 
+    def _next_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
+        """(all tokens of the conversation, how many of them the cache already holds).
+
+        The cache holds the exact tokens generated last turn (stop token included); only the
+        text the template adds after the model's answer is encoded anew, so a re-tokenisation of
+        the answer can never force a re-prefill."""
+        from gemma4_mlx.tokenizer import conversation_tokens, encode_rendered, render_chat
+
+        if self.cache is None or not self.messages or self.messages[-1]["role"] != "assistant":
+            return conversation_tokens(self.tokenizer, messages, thinking=self.thinking), 0
+        history = render_chat(
+            self.tokenizer, self.messages, self.thinking, add_generation_prompt=False
+        )
+        full = render_chat(self.tokenizer, messages, self.thinking, add_generation_prompt=True)
+        answer = self.messages[-1]["content"]
+        end = history.rfind(answer) + len(answer) if answer else -1
+        if not full.startswith(history) or end < len(answer):
+            return conversation_tokens(self.tokenizer, messages, thinking=self.thinking), 0
+        tail = history[end:]  # e.g. "<turn|>\n": the template's end of the model's turn
+        stop = self.cached_tokens[-1]
+        if stop in getattr(self.tokenizer, "eos_token_ids", ()):
+            stop_text = self.tokenizer._tokenizer.decode([stop])
+            if tail.startswith(stop_text):
+                tail = tail[len(stop_text) :]  # already in the cache
+        new = encode_rendered(self.tokenizer, tail + full[len(history) :])
+        return self.cached_tokens + new, len(self.cached_tokens)
+
     def send(
         self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:
-        from gemma4_mlx.tokenizer import conversation_tokens
-
         if not text.strip():
             raise UserError("the message is empty")
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
         messages.append({"role": "user", "content": text})
-        tokens = conversation_tokens(self.tokenizer, messages, thinking=self.thinking)
-        common = 0
-        for a, b in zip(self.cached_tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        if self.cache is None or common == 0:
-            self.cache, self.cached_tokens, common = self.model.make_cache(self.kv_policy), [], 0
-        elif common < len(self.cached_tokens):
-            if can_trim_prompt_cache(self.cache):
-                trim_prompt_cache(self.cache, len(self.cached_tokens) - common)
-            else:
-                self.cache, common = self.model.make_cache(self.kv_policy), 0
+        tokens, common = self._next_tokens(messages)
+        if common == 0 or self.cache is None:
+            self.cache, common = self.model.make_cache(self.kv_policy), 0
         new = tokens[common:]
-        if not new:  # everything cached: re-run the last token to get logits
-            trim_prompt_cache(self.cache, 1)
-            new, common = tokens[-1:], len(tokens) - 1
         pieces, responses = [], []
         for r in stream_generate(
             self.model, self.tokenizer, new, max_tokens, self.sampling, self.cache, self.kv_policy

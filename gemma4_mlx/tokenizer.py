@@ -16,24 +16,23 @@ from gemma4_mlx.errors import UserError
 
 GEMMA4_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- if enable_thinking or (messages and messages[0]['role'] == 'system') -%}"
-    "<|turn>system\n{%- if enable_thinking -%}<|think|>{%- endif -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}{%- endif -%}"
-    "<turn|>\n{%- endif -%}"
-    "{%- for m in messages if m['role'] != 'system' -%}"
-    "<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<turn|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|turn>model\n{%- endif -%}"
+    "{% if enable_thinking or (messages and messages[0]['role'] == 'system') %}"
+    "{{ '<|turn>system\n' }}{% if enable_thinking %}{{ '<|think|>' }}{% endif %}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{{ '<turn|>\n' }}{% endif %}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}"
+    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + m['content'] + '<turn|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
 )
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set first = true -%}"
-    "{%- for m in messages if m['role'] != 'system' -%}"
-    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{%- if loop.first and messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}\n\n{%- endif -%}"
-    "{{ m['content'] }}<end_of_turn>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{% if loop.index == 2 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ m['content'] + '<end_of_turn>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 THOUGHT = re.compile(r"<\|channel\>thought\n?(.*?)(?:<channel\|>|$)", re.S)
@@ -83,21 +82,39 @@ def build_prompt(
     return conversation_tokens(tokenizer, messages, thinking=thinking, tools=tools)
 
 
-def conversation_tokens(
-    tokenizer: Any, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None
-) -> list[int]:
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict],
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
+) -> str:
     tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    kwargs = {"add_generation_prompt": True, "enable_thinking": thinking, "tokenize": False}
+    kwargs = {
+        "add_generation_prompt": add_generation_prompt,
+        "enable_thinking": thinking,
+        "tokenize": False,
+    }
     if tools:
         kwargs["tools"] = tools
     try:
-        text = tok.apply_chat_template(messages, chat_template=chat_template(tokenizer), **kwargs)
+        return tok.apply_chat_template(messages, chat_template=chat_template(tokenizer), **kwargs)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"cannot apply the chat template ({type(e).__name__}: {e})") from None
-    # The template writes the BOS token itself: do not add another one.
+
+
+def encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of template output: the template writes BOS itself, so add no specials."""
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
     return list(tok.encode(text, add_special_tokens=False))
+
+
+def conversation_tokens(
+    tokenizer: Any, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None
+) -> list[int]:
+    return encode_rendered(tokenizer, render_chat(tokenizer, messages, thinking, True, tools))
 
 
 @dataclass

@@ -20,3 +20,17 @@ def tiny_checkpoints(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_checkpoints, tmp_path_factory):
+    """A tiny Gemma-4-shaped checkpoint (E2B layout) with a tiny tokenizer and chat template."""
+    import shutil
+
+    from tiny_tokenizer import write_tokenizer
+
+    src, _ = tiny_checkpoints("e2b")
+    dst = tmp_path_factory.mktemp("tiny-chat") / "model"
+    shutil.copytree(src, dst)
+    write_tokenizer(dst)
+    return dst

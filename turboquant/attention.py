@@ -101,6 +101,9 @@ def attention(
         scores = q_rot @ k_rot.swapaxes(-1, -2)
         p = online(scores, start, end)
         acc_rot = acc_rot + p @ decode_rotated(v_enc, vspec)
+        # Evaluate block by block: a lazy graph over all blocks could hold every block's
+        # decoded keys/values at once, which is exactly the transient this kernel avoids.
+        mx.eval(m, denom, acc_rot, acc_fp)
         start = end
 
     if cache.fp_keys is not None and offset > n_quantized:

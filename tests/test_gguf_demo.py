@@ -24,10 +24,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
+def demo_dir(demo_cache):
     from gemma4_mlx.demo import ensure_demo_model
 
-    return ensure_demo_model(tmp_path_factory.mktemp("cache"))
+    return ensure_demo_model(demo_cache)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,8 @@ class KVPolicy:
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
-    fp_window: int = 256  # turboquant: most recent tokens kept exact
+    fp_window: int = 256  # turboquant: each query's most recent tokens read exact
+    sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
@@ -56,6 +57,8 @@ class KVPolicy:
             raise UserError(f"--kv-codec must be 'mse' or 'prod', got {self.codec!r}")
         if self.fp_window < 0:
             raise UserError(f"--kv-window must be >= 0, got {self.fp_window}")
+        if self.sink < 0:
+            raise UserError(f"--kv-sink must be >= 0, got {self.sink}")
         if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
             raise UserError(
                 f"--kv-bits for the affine cache must be 2, 3, 4, 5, 6 or 8, got {self.bits}"
@@ -93,7 +96,10 @@ class KVPolicy:
         if self.kind == "affine":
             return f"affine {self.resolved_bits()[0]:g}-bit (group {self.group_size})"
         k, v = self.resolved_bits()
-        return f"turboquant {self.codec} K{k:g}/V{v:g}, {self.fp_window} recent tokens exact"
+        return (
+            f"turboquant {self.codec} K{k:g}/V{v:g}, {self.sink} first and "
+            f"{self.fp_window} recent tokens exact"
+        )
 
 
 def cache_layers(config: TextConfig) -> list[LayerSpec]:
@@ -124,7 +130,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         value_spec = CodecSpec(spec.head_dim, value_bits, policy.codec, norm_correction, seed=seed)
     except ValueError as e:
         raise UserError(f"KV cache settings: {e}") from None
-    return TurboQuantKVCache(key_spec, value_spec, fp_window=policy.fp_window)
+    return TurboQuantKVCache(key_spec, value_spec, fp_window=policy.fp_window, sink=policy.sink)
 
 
 def make_cache(config: Any, policy: KVPolicy | dict | None = None) -> list[Any]:

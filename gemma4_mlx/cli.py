@@ -30,23 +30,29 @@ KV_BITS = typer.Option(
 )
 KEY_BITS = typer.Option(None, "--key-bits", help="TurboQuant key bits (overrides the split).")
 VALUE_BITS = typer.Option(None, "--value-bits", help="TurboQuant value bits (overrides the split).")
-KV_WINDOW = typer.Option(256, "--kv-window", help="TurboQuant: most recent tokens kept exact.")
+KV_WINDOW = typer.Option(
+    None, "--kv-window", help="TurboQuant: recent tokens each query reads exact (default: policy)."
+)
+KV_SINK = typer.Option(
+    None, "--kv-sink", help="TurboQuant: first tokens kept exact (default: policy)."
+)
 KV_CODEC = typer.Option(
     "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
 )
 DTYPE = typer.Option(None, "--dtype", help="Cast weights: float32 | bfloat16 | float16.")
 
 
-def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec):
+def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink=None):
     from gemma4_mlx.cache import KVPolicy
 
+    extra = {"fp_window": kv_window, "sink": kv_sink}
     return KVPolicy(
         kind=kv_cache,
         bits=kv_bits,
         key_bits=key_bits,
         value_bits=value_bits,
-        fp_window=kv_window,
         codec=kv_codec,
+        **{k: v for k, v in extra.items() if v is not None},
     )
 
 
@@ -96,7 +102,8 @@ def generate(
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
-    kv_window: int = KV_WINDOW,
+    kv_window: int | None = KV_WINDOW,
+    kv_sink: int | None = KV_SINK,
     kv_codec: str = KV_CODEC,
     prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
@@ -117,7 +124,7 @@ def generate(
         raise UserError("the prompt is empty")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec)
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink)
     model_dir, m, tokenizer = _load(model, dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
@@ -189,14 +196,15 @@ def chat(
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
-    kv_window: int = KV_WINDOW,
+    kv_window: int | None = KV_WINDOW,
+    kv_sink: int | None = KV_SINK,
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
     """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit."""
     from gemma4_mlx.generate import Chat
 
-    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec)
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink)
     model_dir, m, tokenizer = _load(model, dtype)
     session = Chat(
         m,
@@ -272,6 +280,28 @@ def convert(
         upload_repo=upload_repo,
     )
     typer.echo(f"wrote {out}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(
+    ctx: typer.Context,
+    name: str = typer.Argument(
+        ..., help="quality | needle | speed | memory | distortion (then its own options, or --help)"
+    ),
+):
+    """Run a benchmark (JSON + PNG under --out, default benchmarks/results; --quick for a smoke run)."""
+    from gemma4_mlx.bench import BENCHMARKS, run
+
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
+    try:
+        run(name, list(ctx.args))
+    except SystemExit as e:  # argparse: --help (0) or a bad option (2, message already printed)
+        if e.code not in (0, None):
+            raise typer.Exit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,36 +17,76 @@ def _rand(rng, *shape):
     return mx.array(rng.standard_normal(shape).astype(np.float32))
 
 
-def _dequantized(cache):
-    k, v = cache.compressed_block(0, cache.n_quantized)
-    keys = mx.concatenate([decode(k, cache.key_spec), cache.fp_keys], axis=2)
-    values = mx.concatenate([decode(v, cache.value_spec), cache.fp_values], axis=2)
-    return keys, values
+def _reference(cache, keys, values, q, scale, window=None):
+    """Attention a query at t would get from exact keys j (j < sink or t - fp_window <= j <= t)
+    and quantize-dequantized keys elsewhere, from all exact keys/values (B, H, T, D) so far."""
+    from turboquant.codec import encode
+
+    T, L = keys.shape[2], q.shape[2]
+    ks, vs = cache.key_spec, cache.value_spec
+    k_q = decode(encode(keys, ks), ks)
+    v_q = decode(encode(values, vs), vs)
+    t = np.arange(T - L, T)[:, None]
+    j = np.arange(T)[None, :]
+    exact = mx.array((j < cache.sink) | (t - j <= cache.fp_window))
+    visible = (j <= t) if window is None else (j <= t) & (t - j < window)
+    groups = q.shape[1] // keys.shape[1]
+    outs = []
+    for h in range(q.shape[1]):
+        kv = h // groups
+        s_e = (q[:, h] * scale) @ keys[:, kv].swapaxes(-1, -2)
+        s_q = (q[:, h] * scale) @ k_q[:, kv].swapaxes(-1, -2)
+        sc = mx.where(mx.array(visible), mx.where(exact, s_e, s_q), -mx.inf)
+        p = mx.softmax(sc, axis=-1)
+        outs.append(mx.where(exact, p, 0) @ values[:, kv] + mx.where(exact, 0, p) @ v_q[:, kv])
+    return mx.stack(outs, axis=1)
 
 
 @pytest.mark.parametrize("n_q_heads, n_kv_heads", [(4, 4), (8, 2), (6, 1)])
-@pytest.mark.parametrize("fp_window", [0, 5])
+@pytest.mark.parametrize("fp_window, sink", [(0, 0), (5, 0), (0, 2), (3, 4)])
 @pytest.mark.parametrize("codec", ["mse", "prod"])
-def test_attention_equals_exact_attention_on_dequantized_cache(
-    n_q_heads, n_kv_heads, fp_window, codec
+def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
+    n_q_heads, n_kv_heads, fp_window, sink, codec
 ):
+    """Prefill chunks and decode steps: every query gets exact keys/values for the sink and its
+    own recent window and compressed ones elsewhere, however the tokens arrived."""
     rng = np.random.default_rng(0)
     D = 64
-    cache = TurboQuantKVCache(CodecSpec(D, 4, codec), CodecSpec(D, 3, codec), fp_window=fp_window)
+    cache = TurboQuantKVCache(
+        CodecSpec(D, 4, codec), CodecSpec(D, 3, codec), fp_window=fp_window, sink=sink
+    )
+    keys = values = None
     worst = 0.0
-    for L in (9, 1, 1, 17, 1, 3):  # prefill chunks and decode steps
-        view, _ = cache.update_and_fetch(
-            _rand(rng, 2, n_kv_heads, L, D), _rand(rng, 2, n_kv_heads, L, D)
-        )
+    for L in (1, 9, 1, 1, 17, 1, 3):
+        k, v = _rand(rng, 2, n_kv_heads, L, D), _rand(rng, 2, n_kv_heads, L, D)
+        keys = k if keys is None else mx.concatenate([keys, k], axis=2)
+        values = v if values is None else mx.concatenate([values, v], axis=2)
+        view, _ = cache.update_and_fetch(k, v)
         q = _rand(rng, 2, n_q_heads, L, D)
         out = view.attend(q, scale=D**-0.5, mask="causal" if L > 1 else None)
-        keys, values = _dequantized(cache)
-        ref = mx.fast.scaled_dot_product_attention(
-            q, keys, values, scale=D**-0.5, mask="causal" if L > 1 else None
-        )
+        ref = _reference(cache, keys, values, q, D**-0.5)
         worst = max(worst, float(mx.abs(out - ref).max()))
-    print(f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, {codec}: max |diff| {worst:.2e}")
+    assert cache.fp_keys.shape[2] == min(fp_window, cache.offset - min(sink, cache.offset))
+    print(f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, {codec}: {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_chunked_prefill_equals_token_by_token():
+    """The same tokens give the same attention outputs however the prompt is split."""
+    rng = np.random.default_rng(5)
+    D, T = 32, 40
+    k, v, q = _rand(rng, 1, 2, T, D), _rand(rng, 1, 2, T, D), _rand(rng, 1, 4, T, D)
+    outs = []
+    for chunks in ([T], [1] * T, [7, 13, 1, 19]):
+        cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2)
+        parts, pos = [], 0
+        for n in chunks:
+            view, _ = cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+            parts.append(view.attend(q[:, :, pos : pos + n], scale=0.2, mask="causal"))
+            pos += n
+        outs.append(mx.concatenate(parts, axis=2))
+    for other in outs[1:]:
+        assert float(mx.abs(other - outs[0]).max()) < 1e-5
 
 
 def test_blocks_and_sliding_window_mask(monkeypatch):
@@ -55,16 +95,13 @@ def test_blocks_and_sliding_window_mask(monkeypatch):
     monkeypatch.setattr(tq_attention, "KV_BUDGET", 64)
     rng = np.random.default_rng(1)
     D, W = 32, 40
-    cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=3)
+    cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=3, sink=1)
     cache.window = W
-    view, _ = cache.update_and_fetch(_rand(rng, 1, 2, 300, D), _rand(rng, 1, 2, 300, D))
+    k, v = _rand(rng, 1, 2, 300, D), _rand(rng, 1, 2, 300, D)
+    view, _ = cache.update_and_fetch(k, v)
     q = _rand(rng, 1, 4, 7, D)
     out = view.attend(q, scale=0.2)
-    keys, values = _dequantized(cache)
-    pos_q = np.arange(293, 300)[:, None]
-    pos_k = np.arange(300)[None, :]
-    mask = mx.array((pos_k <= pos_q) & (pos_q - pos_k < W))
-    ref = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.2, mask=mask)
+    ref = _reference(cache, k, v, q, 0.2, window=W)
     err = float(mx.abs(out - ref).max())
     print(f"300 tokens in 64-token blocks, window {W}: max |diff| {err:.2e}")
     assert err < 1e-5

@@ -2,8 +2,8 @@
 
 Queries are rotated once (<R q, R k> = <q, k>), compressed keys are decoded one block of tokens
 at a time in the rotated domain, and values are accumulated in the rotated domain and rotated back
-once at the end. The exact recent-token window is attended in the original domain with its own
-accumulator that shares the running max and sum. Peak extra memory is one block of decoded
+once at the end. The exact tokens (the sink and each query's recent window) are attended in the
+original domain with their own accumulator that shares the running max and sum. Peak extra memory is one block of decoded
 keys/values and one block of scores, whatever the context length: never a full-precision copy
 of the cache, never the full query x key score matrix.
 
@@ -30,8 +30,7 @@ def _block_tokens(rows: int, kv_rows: int, dim: int) -> int:
     return max(64, min(by_scores, by_kv) // 64 * 64)
 
 
-def _visible(q_pos: mx.array, start: int, end: int, window: int | None) -> mx.array:
-    k_pos = mx.arange(start, end)
+def _visible(q_pos: mx.array, k_pos: mx.array, window: int | None) -> mx.array:
     ok = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         ok = ok & (q_pos[:, None] - k_pos[None, :] < window)
@@ -61,26 +60,30 @@ def attention(
     )
     q_rot = rotate(q, kspec)
     q_pos = mx.arange(offset - L, offset)
+    # query t reads key j exactly for j >= boundary(t) (its recent window, where this call holds
+    # exact copies) and compressed below it; the sink (j < n_sink) is always exact
+    n_sink = 0 if view.sink_keys is None else view.sink_keys.shape[2]
+    boundary = mx.maximum(q_pos - cache.fp_window, view.fp_start)[:, None]  # (L, 1)
     array_mask = mask if isinstance(mask, mx.array) else None
 
     if array_mask is not None and array_mask.ndim != 2:
         raise NotImplementedError("TurboQuant attention takes (L, keys) array masks only")
 
-    def block_mask(start: int, end: int) -> mx.array:
-        ok = _visible(q_pos, start, end, window)  # (L, T)
+    def block_mask(k_pos: mx.array, ok: mx.array) -> mx.array:
+        ok = ok & _visible(q_pos, k_pos, window)  # (L, T)
         if array_mask is not None:
-            extra = array_mask[:, start:end]
+            extra = array_mask[:, k_pos]
             ok = ok & (extra if extra.dtype == mx.bool_ else extra > -1e30)
         return mx.tile(ok, (groups, 1))  # rows are (group, query) pairs: (groups * L, T)
 
     m = mx.full((B, n_kv, groups * L, 1), -mx.inf, dtype=mx.float32)
     denom = mx.zeros((B, n_kv, groups * L, 1), dtype=mx.float32)
     acc_rot = mx.zeros((B, n_kv, groups * L, D), dtype=mx.float32)  # rotated value domain
-    acc_fp = mx.zeros((B, n_kv, groups * L, D), dtype=mx.float32)  # exact window, original domain
+    acc_fp = mx.zeros((B, n_kv, groups * L, D), dtype=mx.float32)  # exact tokens, original domain
 
-    def online(scores, start, end):
+    def online(scores, visible):
         nonlocal m, denom, acc_rot, acc_fp
-        scores = mx.where(block_mask(start, end), scores, -mx.inf)
+        scores = mx.where(visible, scores, -mx.inf)
         new_m = mx.maximum(m, mx.max(scores, axis=-1, keepdims=True))
         safe_m = mx.where(mx.isinf(new_m), 0.0, new_m)  # rows that saw nothing visible yet
         correction = mx.exp(m - safe_m)
@@ -90,26 +93,42 @@ def attention(
         m = new_m
         return p
 
-    n_quantized = min(cache.n_quantized, offset)
-    first_visible = 0 if window is None else max(0, offset - L - window + 1)
+    # compressed tokens: positions [n_sink, end), storage index = position - n_sink; no query
+    # reads a compressed key at or beyond its boundary
+    end = min(cache.n_quantized, max(view.fp_start, offset - 1 - cache.fp_window))
+    first_visible = n_sink if window is None else max(n_sink, offset - L - window + 1)
     step = _block_tokens(groups * L * B * n_kv, B * n_kv, D)
-    start = first_visible // step * step if n_quantized else 0
-    while start < n_quantized:
-        end = min(start + step, n_quantized)
-        k_enc, v_enc = cache.compressed_block(start, end)
+    start = n_sink + (first_visible - n_sink) // step * step
+    while start < end:
+        stop = min(start + step, end)
+        k_enc, v_enc = cache.compressed_block(start - n_sink, stop - n_sink)
         k_rot = decode_rotated(k_enc, kspec)  # (B, n_kv, T, D)
         scores = q_rot @ k_rot.swapaxes(-1, -2)
-        p = online(scores, start, end)
+        k_pos = mx.arange(start, stop)
+        p = online(scores, block_mask(k_pos, k_pos[None, :] < boundary))
         acc_rot = acc_rot + p @ decode_rotated(v_enc, vspec)
         # Evaluate block by block: a lazy graph over all blocks could hold every block's
         # decoded keys/values at once, which is exactly the transient this kernel avoids.
         mx.eval(m, denom, acc_rot, acc_fp)
-        start = end
+        start = stop
 
-    if cache.fp_keys is not None and offset > n_quantized:
-        fp_k = cache.fp_keys[:, :, : offset - n_quantized].astype(mx.float32)
-        fp_v = cache.fp_values[:, :, : offset - n_quantized].astype(mx.float32)
-        p = online(q @ fp_k.swapaxes(-1, -2), n_quantized, offset)
+    # exact tokens: the sink and this call's recent window
+    exact_k, exact_v, positions = [], [], []
+    if n_sink:
+        exact_k.append(view.sink_keys)
+        exact_v.append(view.sink_values)
+        positions.append(mx.arange(0, n_sink))
+    n_fp = offset - view.fp_start
+    if n_fp > 0:
+        exact_k.append(view.fp_keys[:, :, :n_fp])
+        exact_v.append(view.fp_values[:, :, :n_fp])
+        positions.append(mx.arange(view.fp_start, offset))
+    if exact_k:
+        fp_k = mx.concatenate(exact_k, axis=2).astype(mx.float32)
+        fp_v = mx.concatenate(exact_v, axis=2).astype(mx.float32)
+        k_pos = mx.concatenate(positions)
+        ok = (k_pos[None, :] < n_sink) | (k_pos[None, :] >= boundary)
+        p = online(q @ fp_k.swapaxes(-1, -2), block_mask(k_pos, ok))
         acc_fp = acc_fp + p @ fp_v
 
     out = (unrotate(acc_rot, vspec) + acc_fp) / mx.maximum(denom, 1e-30)

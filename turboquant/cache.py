@@ -25,11 +25,16 @@ from turboquant.codec import CodecSpec, Encoded, encode, slice_encoded
 
 
 class CompressedView:
-    """What ``update_and_fetch`` returns: the cache's state at this moment, attendable."""
+    """What ``update_and_fetch`` returns: the cache's state at this moment, attendable.
+
+    It keeps this call's exact copies (sink and recent tokens, including those the cache has just
+    compressed for later calls); the compressed storage is read from the cache."""
 
     def __init__(self, cache: TurboQuantKVCache):
         self.cache = cache
         self.offset = cache.offset  # total tokens, the queries are the last ones
+        self.fp_keys, self.fp_values, self.fp_start = cache.fp_keys, cache.fp_values, cache.fp_start
+        self.sink_keys, self.sink_values = cache.sink_keys, cache.sink_values
 
     def attend(self, queries: mx.array, scale: float, mask: Any = None) -> mx.array:
         from turboquant.attention import attention
@@ -78,24 +83,45 @@ def _assign(store: Encoded, new: Encoded, start: int) -> None:
 
 
 class TurboQuantKVCache(mlx_cache._BaseCache):
-    """Growing compressed cache for global (full-attention) layers."""
+    """Growing compressed cache for global (full-attention) layers.
+
+    Which copy a query at position t reads for key j (the same in a chunked prefill and in
+    token-by-token decode, so results do not depend on how a prompt is split):
+
+    - j < ``sink``: exact (the first tokens, where Gemma parks most of its attention mass);
+    - t - ``fp_window`` <= j <= t: exact (the query's most recent tokens and itself);
+    - anything older: compressed.
+
+    Between calls the cache stores the ``sink`` first and the ``fp_window`` last tokens exact and
+    everything in between compressed; during an update the tokens leaving the window are
+    compressed while the returned view still holds their exact copies for this call's queries.
+    """
 
     step = 256
 
     window: int | None = None  # no eviction here: a global layer sees every token
 
-    def __init__(self, key_spec: CodecSpec, value_spec: CodecSpec, fp_window: int = 0):
-        if fp_window < 0:
-            raise ValueError(f"fp_window must be >= 0, got {fp_window}")
+    def __init__(
+        self, key_spec: CodecSpec, value_spec: CodecSpec, fp_window: int = 0, sink: int = 0
+    ):
+        if fp_window < 0 or sink < 0:
+            raise ValueError(f"fp_window and sink must be >= 0, got {fp_window}, {sink}")
         self.key_spec = key_spec
         self.value_spec = value_spec
         self.fp_window = fp_window
+        self.sink = sink
         self.offset = 0
-        self.n_quantized = 0  # tokens [0, n_quantized) are compressed, the rest exact
+        # positions [0, n_sink) exact in sink_*, [n_sink, n_quantized) compressed (storage index
+        # = position - n_sink), [fp_start, offset) exact in fp_*; fp_start <= n_quantized between
+        # calls only after a trim (no overlap otherwise).
+        self.n_quantized = 0
         self.keys: Encoded | None = None  # (B, H, capacity, ...) compressed storage
         self.values: Encoded | None = None
-        self.fp_keys: mx.array | None = None  # (B, H, <= fp_window, D) most recent tokens
+        self.sink_keys: mx.array | None = None  # (B, H, <= sink, D)
+        self.sink_values: mx.array | None = None
+        self.fp_keys: mx.array | None = None  # (B, H, offset - fp_start, D) most recent tokens
         self.fp_values: mx.array | None = None
+        self.fp_start = 0
 
     # -- protocol -------------------------------------------------------------------------
     @property
@@ -105,6 +131,10 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
     @property
     def n_kv_heads(self) -> int:
         return self.fp_keys.shape[1]
+
+    @property
+    def n_sink(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
 
     @property
     def capacity(self) -> int:
@@ -118,19 +148,37 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             self.fp_keys = mx.concatenate([self.fp_keys, keys], axis=2)
             self.fp_values = mx.concatenate([self.fp_values, values], axis=2)
         self.offset += keys.shape[2]
-        overflow = self.fp_keys.shape[2] - self.fp_window
-        if overflow > 0:
-            self._quantize(self.fp_keys[:, :, :overflow], self.fp_values[:, :, :overflow])
-            self.fp_keys = self.fp_keys[:, :, overflow:]
-            self.fp_values = self.fp_values[:, :, overflow:]
-        view = CompressedView(self)
+        # the first tokens become the exact sink
+        if self.n_sink < self.sink and self.fp_start == self.n_sink == self.n_quantized:
+            take = min(self.sink - self.n_sink, self.offset - self.fp_start)
+            new_k, new_v = self.fp_keys[:, :, :take], self.fp_values[:, :, :take]
+            if self.sink_keys is None:
+                self.sink_keys, self.sink_values = new_k, new_v
+            else:
+                self.sink_keys = mx.concatenate([self.sink_keys, new_k], axis=2)
+                self.sink_values = mx.concatenate([self.sink_values, new_v], axis=2)
+            self.fp_keys, self.fp_values = self.fp_keys[:, :, take:], self.fp_values[:, :, take:]
+            self.fp_start += take
+            self.n_quantized = max(self.n_quantized, self.fp_start)
+        view = CompressedView(self)  # exact copies of this call's whole range, before trimming
+        # compress what leaves the window for the next call's queries, drop its exact copy
+        keep_from = max(self.offset - self.fp_window, self.fp_start)
+        if keep_from > self.n_quantized:
+            lo = self.n_quantized - self.fp_start
+            hi = keep_from - self.fp_start
+            self._quantize(self.fp_keys[:, :, lo:hi], self.fp_values[:, :, lo:hi])
+        if keep_from > self.fp_start:
+            cut = keep_from - self.fp_start
+            self.fp_keys, self.fp_values = self.fp_keys[:, :, cut:], self.fp_values[:, :, cut:]
+            self.fp_start = keep_from
         return view, view
 
     def _quantize(self, keys: mx.array, values: mx.array) -> None:
         n = keys.shape[2]
         k = encode(keys, self.key_spec, check_finite=False)
         v = encode(values, self.value_spec, check_finite=False)
-        needed = self.n_quantized + n
+        first = self.n_quantized - self.n_sink  # storage index
+        needed = first + n
         if self.keys is None or needed > self.capacity:
             chunks = -(-(needed - self.capacity) // self.step)
             extra_k, extra_v = (
@@ -142,9 +190,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             else:
                 self.keys = _concat_encoded(self.keys, extra_k)
                 self.values = _concat_encoded(self.values, extra_v)
-        _assign(self.keys, k, self.n_quantized)
-        _assign(self.values, v, self.n_quantized)
-        self.n_quantized = needed
+        _assign(self.keys, k, first)
+        _assign(self.values, v, first)
+        self.n_quantized += n
 
     def compressed_block(self, start: int, end: int) -> tuple[Encoded, Encoded]:
         index = (slice(None), slice(None), slice(start, end))
@@ -161,13 +209,19 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
 
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
-        fp = self.fp_keys.shape[2] if self.fp_keys is not None else 0
-        from_fp = min(n, fp)
-        if from_fp:
-            self.fp_keys = self.fp_keys[:, :, : fp - from_fp]
-            self.fp_values = self.fp_values[:, :, : fp - from_fp]
-        self.n_quantized -= n - from_fp  # compressed slots past n_quantized are dead storage
-        self.offset -= n
+        new = self.offset - n
+        if new >= self.fp_start:
+            self.fp_keys = self.fp_keys[:, :, : new - self.fp_start]
+            self.fp_values = self.fp_values[:, :, : new - self.fp_start]
+        else:  # back into the compressed part (or the sink): no exact recent tokens left
+            self.fp_keys, self.fp_values = self.fp_keys[:, :, :0], self.fp_values[:, :, :0]
+            self.fp_start = new
+        if new < self.n_sink:
+            self.sink_keys = self.sink_keys[:, :, :new]
+            self.sink_values = self.sink_values[:, :, :new]
+        # compressed slots past n_quantized are dead storage, overwritten on the next update
+        self.n_quantized = min(self.n_quantized, max(new, self.n_sink))
+        self.offset = new
         return n
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
@@ -177,12 +231,12 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually allocated: compressed storage (with its growth slack) + exact window."""
+        """Bytes actually allocated: compressed storage (with its growth slack) + exact tokens."""
         total = 0
         for enc in (self.keys, self.values):
             if enc is not None:
                 total += enc.nbytes
-        for a in (self.fp_keys, self.fp_values):
+        for a in (self.fp_keys, self.fp_values, self.sink_keys, self.sink_values):
             if a is not None:
                 total += a.nbytes
         return total
@@ -193,7 +247,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         def fields(enc: Encoded | None) -> Any:
             if enc is None:
                 return None
-            live = slice_encoded(enc, (slice(None), slice(None), slice(0, self.n_quantized)))
+            live = slice_encoded(
+                enc, (slice(None), slice(None), slice(0, self.n_quantized - self.n_sink))
+            )
             return {
                 "codes": list(live.codes),
                 "norms": live.norms,
@@ -206,6 +262,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
                 "offset": self.offset,
                 "n_quantized": self.n_quantized,
                 "fp_window": self.fp_window,
+                "sink": self.sink,
+                "fp_start": self.fp_start,
                 "key_spec": json.dumps(asdict(self.key_spec)),
                 "value_spec": json.dumps(asdict(self.value_spec)),
             },
@@ -213,6 +271,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             "values": fields(self.values),
             "fp_keys": self.fp_keys,
             "fp_values": self.fp_values,
+            "sink_keys": self.sink_keys,
+            "sink_values": self.sink_values,
         }
 
     @state.setter
@@ -223,6 +283,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.fp_window = int(meta["fp_window"])
         self.offset = int(meta["offset"])
         self.n_quantized = int(meta["n_quantized"])
+        self.sink = int(meta.get("sink", 0))
 
         def encoded(d):
             if not d:
@@ -231,6 +292,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
 
         self.keys, self.values = encoded(v.get("keys")), encoded(v.get("values"))
         self.fp_keys, self.fp_values = v.get("fp_keys"), v.get("fp_values")
+        self.sink_keys, self.sink_values = v.get("sink_keys"), v.get("sink_values")
+        fp = 0 if self.fp_keys is None else self.fp_keys.shape[2]
+        self.fp_start = int(meta.get("fp_start", self.offset - fp))
 
     @property
     def meta_state(self) -> str:

@@ -1,0 +1,171 @@
+"""KV-cache quality on real weights (the offline Gemma 3 270M demo model, float32).
+
+Real English text that ships with the OS (/usr/share/common-licenses: GPL-3, then Apache-2.0, then
+the others, concatenated) is fed in 256-token chunks through each KV cache, all settings in
+lockstep with a float32 cache: perplexity, mean KL(fp32 || setting) of the next-token
+distributions, and top-1 agreement, reported over the first 1K, 4K and 16K tokens (every sliding
+window and global layer exercised). Only global-layer caches are compressed (gemma4_mlx.cache);
+sliding layers keep their exact ring buffer. Stored bits per channel are measured from the global
+caches' nbytes at each length (exact recent-token window and growth slack included).
+
+    python benchmarks/quality.py                          # 1K and 4K tokens, ~15-20 min here
+    python benchmarks/quality.py --lengths 1024,4096,16384  # adds 16K (over an hour on 2 cores)
+    python benchmarks/quality.py --quick                  # 512 tokens, 3 settings, for CI
+Results are written after each length, so a long run that is stopped keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench.common import corpus_text, global_bits
+from gemma4_mlx.cache import KVPolicy
+from gemma4_mlx.loading import load
+
+CHUNK = 256
+
+
+def settings(quick: bool) -> dict[str, KVPolicy]:
+    tq = lambda **kw: KVPolicy("turboquant", **kw)  # noqa: E731
+    if quick:
+        return {
+            "affine4": KVPolicy("affine", bits=4),
+            "tq3.5 K5/V2 w256": tq(bits=3.5),
+            "tq3.5 prod": tq(bits=3.5, codec="prod"),
+        }
+    return {
+        "affine8": KVPolicy("affine", bits=8),
+        "affine4": KVPolicy("affine", bits=4),
+        "tq4 K4/V4 w0": tq(key_bits=4, value_bits=4, fp_window=0),
+        "tq4 K5/V3 w256": tq(bits=4),
+        "tq3.5 K5/V2 w256": tq(bits=3.5),
+        "tq3.5 K5/V2 w0": tq(bits=3.5, fp_window=0),
+        "tq3.5 K4/V3 w256": tq(key_bits=4, value_bits=3),
+        "tq3.5 prod K5/V2 w256": tq(bits=3.5, codec="prod"),
+        "tq3 K4/V2 w256": tq(bits=3),
+        "tq2.5 K3/V2 w256": tq(bits=2.5),
+        "tq2.5 prod K3/V2 w256": tq(bits=2.5, codec="prod"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    lengths = [512] if args.quick else [int(x) for x in args.lengths.split(",")]
+    model, tokenizer = load(args.model, dtype="float32")
+    tokens = tokenizer.encode(corpus_text())[: max(lengths) + 1]
+    if len(tokens) < max(lengths) + 1:
+        raise SystemExit(f"corpus has only {len(tokens)} tokens")
+    policies = settings(args.quick)
+    caches = {"fp32": model.make_cache(KVPolicy("fp16"))} | {
+        n: model.make_cache(p) for n, p in policies.items()
+    }
+    sums = {n: {"nll": 0.0, "kl": 0.0, "top1": 0} for n in caches}
+    results: dict[str, dict] = {n: {} for n in caches}
+    t0 = time.perf_counter()
+    done = 0
+    while done < max(lengths):
+        n = min(CHUNK, max(lengths) - done)
+        x = mx.array([tokens[done : done + n]])
+        y = mx.array(tokens[done + 1 : done + n + 1])
+        ref = model(x, cache=caches["fp32"], all_logits=True)[0].astype(mx.float32)
+        ref_logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
+        ref_top = mx.argmax(ref, axis=-1)
+        ref_p = mx.exp(ref_logp)
+        for name, cache in caches.items():
+            if name == "fp32":
+                logp, top = ref_logp, ref_top
+                kl = mx.array(0.0)
+            else:
+                logits = model(x, cache=cache, all_logits=True)[0].astype(mx.float32)
+                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                top = mx.argmax(logits, axis=-1)
+                kl = mx.sum(ref_p * (ref_logp - logp))
+            nll = -mx.sum(mx.take_along_axis(logp, y[:, None], axis=-1))
+            agree = mx.sum(top == ref_top)
+            mx.eval(nll, kl, agree)
+            sums[name]["nll"] += nll.item()
+            sums[name]["kl"] += kl.item()
+            sums[name]["top1"] += agree.item()
+        done += n
+        if done in lengths:
+            for name, cache in caches.items():
+                s = sums[name]
+                results[name][done] = {
+                    "perplexity": math.exp(s["nll"] / done),
+                    "kl": s["kl"] / done,
+                    "top1": s["top1"] / done,
+                    "global_bits_per_channel": global_bits(model, cache, done),
+                }
+            print(f"--- {done} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
+            base = results["fp32"][done]["perplexity"]
+            for name in caches:
+                r = results[name][done]
+                r["perplexity_change"] = r["perplexity"] / base - 1
+                print(
+                    f"{name:24s} ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%)  KL {r['kl']:.4f}"
+                    f"  top-1 {100 * r['top1']:5.1f}%  bits/ch {r['global_bits_per_channel']:.2f}",
+                    flush=True,
+                )
+            write(args, results, lengths, policies, time.perf_counter() - t0)
+
+
+def write(args, results: dict, lengths: list[int], policies: dict, seconds: float) -> None:
+    """Results so far (called after each length, so a stopped long run keeps what it measured)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "quality_quick" if args.quick else "quality"
+    done = [n for n in lengths if n in results["fp32"]]
+    payload = {
+        "model": args.model,
+        "chunk": CHUNK,
+        "lengths": done,
+        "seconds": seconds,
+        "settings": {"fp32": "float32", **{n: p.describe() for n, p in policies.items()}},
+        "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    plot(results, done, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.json and .png", flush=True)
+
+
+def plot(results: dict, lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    length = max(lengths)
+    for name, r in results.items():
+        if name == "fp32":
+            continue
+        row = r[length]
+        marker = "s" if name.startswith("affine") else ("^" if "prod" in name else "o")
+        for ax, key in zip(axes, ("kl", "top1")):
+            ax.scatter(row["global_bits_per_channel"], row[key], marker=marker)
+            ax.annotate(name, (row["global_bits_per_channel"], row[key]), fontsize=6)
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"mean KL vs float32 ({length} tokens)")
+    axes[1].set_title(f"top-1 agreement ({length} tokens)")
+    for ax in axes:
+        ax.set_xlabel("stored bits per channel (global layers, all bytes)")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

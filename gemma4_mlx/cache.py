@@ -44,8 +44,9 @@ class KVPolicy:
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
-    fp_window: int = 256  # turboquant: each query's most recent tokens read exact
+    fp_window: int = 128  # turboquant: each query's most recent tokens read exact
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
+    exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
@@ -57,6 +58,8 @@ class KVPolicy:
             raise UserError(f"--kv-codec must be 'mse' or 'prod', got {self.codec!r}")
         if self.fp_window < 0:
             raise UserError(f"--kv-window must be >= 0, got {self.fp_window}")
+        if self.exact_dtype not in (None, "float16", "bfloat16", "float32"):
+            raise UserError(f"exact_dtype must be float16, bfloat16 or float32: {self.exact_dtype}")
         if self.sink < 0:
             raise UserError(f"--kv-sink must be >= 0, got {self.sink}")
         if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
@@ -130,7 +133,12 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         value_spec = CodecSpec(spec.head_dim, value_bits, policy.codec, norm_correction, seed=seed)
     except ValueError as e:
         raise UserError(f"KV cache settings: {e}") from None
-    return TurboQuantKVCache(key_spec, value_spec, fp_window=policy.fp_window, sink=policy.sink)
+    import mlx.core as mx
+
+    exact_dtype = getattr(mx, policy.exact_dtype) if policy.exact_dtype else None
+    return TurboQuantKVCache(
+        key_spec, value_spec, fp_window=policy.fp_window, sink=policy.sink, exact_dtype=exact_dtype
+    )
 
 
 def make_cache(config: Any, policy: KVPolicy | dict | None = None) -> list[Any]:

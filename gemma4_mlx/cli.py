@@ -289,7 +289,8 @@ def convert(
 def bench(
     ctx: typer.Context,
     name: str = typer.Argument(
-        ..., help="quality | needle | speed | memory | distortion (then its own options, or --help)"
+        ...,
+        help="quality | needle | speed | memory | distortion | weights (then its own options, or --help)",
     ),
 ):
     """Run a benchmark (JSON + PNG under --out, default benchmarks/results; --quick for a smoke run)."""

@@ -40,4 +40,6 @@ def test_quality_quick(tmp_path, demo_cache):
     result = _run("quality.py", tmp_path, env={"GEMMA4_MLX_CACHE": str(demo_cache)})
     rows = result["results"]
     assert rows["fp32"]["512"]["kl"] == 0.0
-    assert rows["tq3.5 K5/V2 w256"]["512"]["kl"] < rows["affine4"]["512"]["kl"]
+    default = rows["tq3.5 K5/V2 s4 w128 (default)"]["512"]
+    assert 0 < default["kl"] < rows["affine4"]["512"]["kl"]
+    assert 0.5 < default["top1"] <= 1 and default["global_bits_per_channel"] < 16

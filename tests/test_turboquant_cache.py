@@ -121,13 +121,17 @@ def test_eight_bit_attention_is_close_to_full_precision():
 
 def test_save_load_and_trim_round_trip(tmp_path):
     rng = np.random.default_rng(3)
-    cache = TurboQuantKVCache(CodecSpec(64, 3.5, "prod"), CodecSpec(64, 2), fp_window=4)
+    cache = TurboQuantKVCache(
+        CodecSpec(64, 3.5, "prod"), CodecSpec(64, 2), fp_window=4, sink=2, exact_dtype=mx.bfloat16
+    )
     cache.update_and_fetch(_rand(rng, 1, 2, 30, 64), _rand(rng, 1, 2, 30, 64))
+    assert cache.fp_keys.dtype == cache.sink_keys.dtype == mx.bfloat16
     q = _rand(rng, 1, 2, 1, 64)
     path = str(tmp_path / "cache.safetensors")
     save_prompt_cache(path, [cache], {"note": "x"})
     loaded, meta = load_prompt_cache(path, return_metadata=True)
     assert meta == {"note": "x"} and loaded[0].offset == 30 and loaded[0].key_spec == cache.key_spec
+    assert (loaded[0].sink, loaded[0].n_sink, loaded[0].exact_dtype) == (2, 2, mx.bfloat16)
     k1, v1 = _rand(rng, 1, 2, 1, 64), _rand(rng, 1, 2, 1, 64)
     a, _ = cache.update_and_fetch(k1, v1)
     b, _ = loaded[0].update_and_fetch(k1, v1)

@@ -102,7 +102,12 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
     window: int | None = None  # no eviction here: a global layer sees every token
 
     def __init__(
-        self, key_spec: CodecSpec, value_spec: CodecSpec, fp_window: int = 0, sink: int = 0
+        self,
+        key_spec: CodecSpec,
+        value_spec: CodecSpec,
+        fp_window: int = 0,
+        sink: int = 0,
+        exact_dtype: mx.Dtype | None = None,
     ):
         if fp_window < 0 or sink < 0:
             raise ValueError(f"fp_window and sink must be >= 0, got {fp_window}, {sink}")
@@ -110,6 +115,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.value_spec = value_spec
         self.fp_window = fp_window
         self.sink = sink
+        self.exact_dtype = exact_dtype  # storage of the exact tokens (None: as they come)
         self.offset = 0
         # positions [0, n_sink) exact in sink_*, [n_sink, n_quantized) compressed (storage index
         # = position - n_sink), [fp_start, offset) exact in fp_*; fp_start <= n_quantized between
@@ -142,6 +148,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """keys, values: (B, n_kv_heads, L, D). Returns (view, view)."""
+        if self.exact_dtype is not None:
+            keys, values = keys.astype(self.exact_dtype), values.astype(self.exact_dtype)
         if self.fp_keys is None:
             self.fp_keys, self.fp_values = keys, values
         else:
@@ -264,6 +272,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
                 "fp_window": self.fp_window,
                 "sink": self.sink,
                 "fp_start": self.fp_start,
+                "exact_dtype": ""
+                if self.exact_dtype is None
+                else str(self.exact_dtype).split(".")[-1],
                 "key_spec": json.dumps(asdict(self.key_spec)),
                 "value_spec": json.dumps(asdict(self.value_spec)),
             },
@@ -284,6 +295,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.offset = int(meta["offset"])
         self.n_quantized = int(meta["n_quantized"])
         self.sink = int(meta.get("sink", 0))
+        dtype = meta.get("exact_dtype", "")
+        self.exact_dtype = getattr(mx, dtype) if dtype else None
 
         def encoded(d):
             if not d:

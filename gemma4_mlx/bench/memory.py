@@ -6,7 +6,8 @@
    exact recent-token window included) is multiplied by the number of cache-owning layers of that
    kind (KV-shared consumer layers own none). Settings: bf16 (mlx-lm KVCache), mlx-lm affine 8/4
    bit (QuantizedKVCache), TurboQuant 2.5/3/3.5/4 bits (K/V splits of gemma4_mlx.cache), with
-   256 recent tokens exact, and 3.5 bits with no window. Sliding layers keep a bf16 ring buffer.
+   the default 4 first and 128 recent tokens exact (bf16), and 3.5 bits with neither. Sliding
+   layers keep a bf16 ring buffer.
 2. Peak: for the 31B global-layer shape (32 q heads, 4 kv heads, head dim 512), growth of
    ``mx.get_peak_memory()`` beyond the cache during one decode step (32K and 128K cached tokens)
    and one 512-token prefill chunk (8K and 32K), TurboQuant vs mlx-lm's quantized path.
@@ -67,9 +68,9 @@ def settings() -> dict[str, KVPolicy | None]:
     out: dict[str, KVPolicy | None] = {"bf16": None}
     out["affine8"] = KVPolicy("affine", bits=8)
     out["affine4"] = KVPolicy("affine", bits=4)
-    for bits in (2.5, 3.0, 3.5, 4.0):
-        out[f"tq{bits:g}"] = KVPolicy("turboquant", bits=bits, fp_window=256)
-    out["tq3.5-nowin"] = KVPolicy("turboquant", bits=3.5, fp_window=0)
+    for bits in (2.5, 3.0, 3.5, 4.0):  # default sink (4) and window (128), bf16 exact tokens
+        out[f"tq{bits:g}"] = KVPolicy("turboquant", bits=bits)
+    out["tq3.5-nowin"] = KVPolicy("turboquant", bits=3.5, fp_window=0, sink=0)
     return out
 
 
@@ -80,7 +81,11 @@ def make_global_cache(policy: KVPolicy | None, head_dim: int):
         return QuantizedKVCache(group_size=64, bits=int(policy.resolved_bits()[0]))
     kb, vb = policy.resolved_bits()
     return TurboQuantKVCache(
-        CodecSpec(head_dim, kb), CodecSpec(head_dim, vb), fp_window=policy.fp_window
+        CodecSpec(head_dim, kb),
+        CodecSpec(head_dim, vb),
+        fp_window=policy.fp_window,
+        sink=policy.sink,
+        exact_dtype=mx.bfloat16,  # the synthetic keys are float32; a bf16 model stores bf16
     )
 
 
@@ -176,7 +181,7 @@ def peak_and_speed(quick: bool) -> list[dict]:
     n_q, n_kv, hd = 32, 4, 512
     rows = []
     lengths = [8 * K] if quick else [8 * K, 32 * K, 128 * K]
-    tq = make_global_cache(KVPolicy("turboquant", bits=3.5, fp_window=256), hd)
+    tq = make_global_cache(KVPolicy("turboquant", bits=3.5), hd)
     aff = QuantizedKVCache(group_size=64, bits=4)
     for length in lengths:
         fill(tq, length, n_kv, hd, seed=1)

@@ -9,8 +9,10 @@ context, get what the policy says:
 - ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
 - ``affine``: mlx-lm's QuantizedKVCache (group-wise affine, ``bits`` 2..8), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: an average of 3.5 defaults to K5/V2), a window of recent tokens kept exact, codec
-  ``mse`` (with norm correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual).
+  Gemma: an average of 3.5 defaults to K5/V2), the first ``sink`` tokens and each query's
+  ``fp_window`` most recent tokens read exact (on Gemma 3 270M at 4K tokens these two take KL
+  from 0.041 to 0.006 for 0.5 bit/channel, less as the context grows), codec ``mse`` (with norm
+  correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ which also knows mlx-lm's own cache classes), ``trim``, ``is_trimmable``, ``make
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from typing import Any
@@ -128,6 +129,14 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.fp_keys: mx.array | None = None  # (B, H, offset - fp_start, D) most recent tokens
         self.fp_values: mx.array | None = None
         self.fp_start = 0
+
+    def __deepcopy__(self, memo: dict) -> TurboQuantKVCache:
+        """An independent copy (e.g. to branch one prefilled prompt); codec specs are shared."""
+        new = self.__class__.__new__(self.__class__)
+        for name, value in self.__dict__.items():
+            shared = name in ("key_spec", "value_spec", "exact_dtype")
+            setattr(new, name, value if shared else copy.deepcopy(value, memo))
+        return new
 
     # -- protocol -------------------------------------------------------------------------
     @property

@@ -6,11 +6,14 @@ lockstep with a float32 cache: perplexity, mean KL(fp32 || setting) of the next-
 distributions, and top-1 agreement, reported over the first 1K, 4K and 16K tokens (every sliding
 window and global layer exercised). Only global-layer caches are compressed (gemma4_mlx.cache);
 sliding layers keep their exact ring buffer. Stored bits per channel are measured from the global
-caches' nbytes at each length (exact recent-token window and growth slack included).
+caches' nbytes at each length (exact sink and window tokens, stored as bfloat16 as on a Mac, and
+growth slack included). Because the cache reads each query's recent window exactly in prefill as
+in decode, the 256-token chunks give the numbers token-by-token decoding would.
 
-    python benchmarks/quality.py                          # 1K and 4K tokens, ~15-20 min here
-    python benchmarks/quality.py --lengths 1024,4096,16384  # adds 16K (over an hour on 2 cores)
-    python benchmarks/quality.py --quick                  # 512 tokens, 3 settings, for CI
+    python benchmarks/quality.py          # 15 settings, 1K and 4K tokens (~25 min here)
+    python benchmarks/quality.py --long   # default + baselines at 1K, 4K and 16K (~30 min)
+    python benchmarks/quality.py --quick  # 512 tokens, 3 settings, for CI
+    (also: gemma4-mlx bench quality [options])
 Results are written after each length, so a long run that is stopped keeps what it measured.
 """
 

@@ -47,16 +47,31 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def settings(names: str) -> dict[str, KVPolicy]:
+    """``default``: fp32 and the default TurboQuant; ``all``; or names from the list, comma-separated."""
     exact = "bfloat16"
+
+    def tq(key_bits: float, value_bits: float, **kw) -> KVPolicy:
+        return KVPolicy(
+            "turboquant", key_bits=key_bits, value_bits=value_bits, exact_dtype=exact, **kw
+        )
+
     every = {
         "fp32": KVPolicy("fp16"),
         "tq3.5 K5/V2 s4 w128 (default)": KVPolicy("turboquant", exact_dtype=exact),
-        "tq3.5 K5/V2 s0 w0 (plain)": KVPolicy("turboquant", sink=0, fp_window=0),
+        "tq4 K5/V3 s4 w128": tq(5, 3),
+        "tq3.5 K4/V3 s4 w128": tq(4, 3),
+        "tq3.5 K5/V2 s0 w0 (plain)": tq(5, 2, sink=0, fp_window=0),
         "affine4": KVPolicy("affine", bits=4),
     }
     if names == "all":
         return every
-    return dict(list(every.items())[:2])
+    if names == "default":
+        return dict(list(every.items())[:2])
+    chosen = ["fp32"] + [n.strip() for n in names.split(",") if n.strip() != "fp32"]
+    unknown = [n for n in chosen if n not in every]
+    if unknown:
+        raise SystemExit(f"error: unknown setting(s) {unknown}; choose from {list(every)}")
+    return {n: every[n] for n in chosen}
 
 
 def _feed(model, cache, tokens: list[int]) -> mx.array:
@@ -124,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--lengths", default="1024,4096,8192,16384")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per length (default: SEEDS)")
-    ap.add_argument("--settings", default="default", choices=["default", "all"])
+    ap.add_argument("--settings", default="default", help="default | all | comma-separated names")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     lengths = [1024] if args.quick else [int(x) for x in args.lengths.split(",")]

@@ -42,3 +42,24 @@ def write_json(out: Path, name: str, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return path
+
+
+def accumulate(sums: dict, logits: Any, reference: Any, targets: Any) -> None:
+    """Add one chunk's next-token statistics to ``sums`` (keys nll, kl, top1): negative
+    log-likelihood of ``targets``, KL(reference || logits) and top-1 agreement, summed over
+    positions. ``logits`` and ``reference`` are (tokens, vocab); pass the same for the baseline."""
+    import mlx.core as mx
+
+    def log_softmax(x):
+        x = x.astype(mx.float32)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    ref_logp = log_softmax(reference)
+    logp = ref_logp if logits is reference else log_softmax(logits)
+    kl = mx.sum(mx.exp(ref_logp) * (ref_logp - logp))
+    nll = -mx.sum(mx.take_along_axis(logp, targets[:, None], axis=-1))
+    agree = mx.sum(mx.argmax(logp, axis=-1) == mx.argmax(ref_logp, axis=-1))
+    mx.eval(nll, kl, agree)
+    sums["nll"] += nll.item()
+    sums["kl"] += kl.item()
+    sums["top1"] += agree.item()

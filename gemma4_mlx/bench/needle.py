@@ -1,21 +1,37 @@
-"""Passkey retrieval on real weights: does the compressed KV cache keep a fact the model can find?
+"""Passkey retrieval on real weights: does a compressed KV cache keep a fact the model can find?
 
 A random 5-digit pass key is hidden at depths 0, 25, 50, 75 and 100% of a haystack of real
-English text (the OS license texts of benchmarks/quality.py, from a seed-dependent offset) of
-1K, 4K, 8K and 16K tokens in all (32K with ``--long``), and asked for at the end ("What is the
-pass key? The pass key is"); 8 greedy tokens must contain the 5 digits. The float32 cache is the
-baseline: where the 270M base model fails even in float32, that is reported as it is, and what
-TurboQuant must match is the float32 result, trial by trial.
+English text (the OS license texts of benchmarks/quality.py, read from a seed-dependent offset and
+repeated if needed) in prompts of 1K, 4K, 8K and 16K tokens in all (32K with ``--long``), and
+asked for at the end. The offline demo model (Gemma 3 270M, a base model, float32) decodes up to
+8 greedy tokens; a trial succeeds if they contain the 5 digits. Each seed draws its own key and
+haystack offset, the same for every length and setting, so every setting answers the same
+prompts and the float32 cache's answer is the baseline trial by trial ("same_as_fp32"). Where
+the 270M model fails even in float32, that is reported as it is: what a compressed cache must
+match is the float32 result, not 100%.
 
-For one seed the haystack before the needle is the same at every depth, so it is prefilled once
-(a "trunk" cache, in 512-token chunks) and copied at each depth (``copy.deepcopy`` of the cache
-objects), which saves about a third of the prefill. Only global-layer caches are compressed; exact
-tokens are stored as bfloat16 as on a Mac.
+Prompt: an instruction line, the haystack with "The pass key is 12345. Remember it. 12345 is the
+pass key." inside it, then "Now, what was the pass key? Answer: The pass key is". (With the more
+common ending "What is the pass key? The pass key is", the float32 model answers with a
+definition of "pass key" whenever the needle sits right before the question.)
 
-    python benchmarks/needle.py           # fp32 + default TurboQuant, 1K-16K (~25 min here)
-    python benchmarks/needle.py --long    # adds 32K
-    python benchmarks/needle.py --quick   # 1K tokens, 2 depths, 1 seed, for CI
+Each prompt is prefilled as ``generate`` does it: every token but the last in 512-token chunks
+from position 0 (one ``mx.eval`` of the cache state per chunk), then the last token, whose
+logits start the greedy answer. For one seed and length the haystack before the needle is the
+same at every depth, so it is prefilled once (a "trunk" cache, up to the last 512-token boundary
+before each needle) and each depth branches from a deep copy of the trunk: the chunks are exactly
+those of a fresh prefill, and about a third of the prefill is saved. Only global-layer caches
+are compressed (gemma4_mlx.cache); sliding layers keep their exact ring buffers, and TurboQuant's
+exact tokens (sink and recent window) are stored as bfloat16 as on a Mac.
+
+    python benchmarks/needle.py                  # fp32 + default TurboQuant, 1K-16K (~25 min here)
+    python benchmarks/needle.py --settings all   # + TurboQuant w0, plain, affine 4 (much longer)
+    python benchmarks/needle.py --long           # adds 32K tokens (1 seed; ~35 min more here)
+    python benchmarks/needle.py --quick          # 1K tokens, 2 depths, 1 seed, 2 settings (~20 s)
     (also: gemma4-mlx bench needle [options])
+Seeds per length (default 3 at 1K, 2 at 4K, 1 at 8K and 16K: what fits in 30 minutes on a
+2-core CPU) can be set with --seeds. Results (JSON, PNG) are rewritten after each seed of each
+setting, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -33,98 +49,143 @@ from gemma4_mlx.bench.common import corpus_text, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
-CHUNK = 512
+CHUNK = 512  # prefill step, as generate's
 ANSWER_TOKENS = 8
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# seeds per length: fewer at the long lengths keeps the default run under 30 minutes here
-SEEDS = {1024: 3, 4096: 3, 8192: 2, 16384: 1, 32768: 1}
+LENGTHS = (1024, 4096, 8192, 16384)
+# seeds per length: few at the long lengths keeps the default run under 30 minutes here
+SEEDS = {1024: 3, 4096: 2, 8192: 1, 16384: 1, 32768: 1}
+EXACT = "bfloat16"  # storage of TurboQuant's exact tokens (as in benchmarks/quality.py)
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there.\n\n"
 )
 NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+QUESTION = "\n\nNow, what was the pass key? Answer: The pass key is"
+
+DEFAULT = "tq3.5 K5/V2 s4 w128 (default)"
+# command-line aliases for the settings' result names
+ALIASES = {
+    "fp32": "fp32",
+    "tq": DEFAULT,
+    "tq-w0": "tq3.5 K5/V2 s4 w0",
+    "tq-plain": "tq3.5 K5/V2 s0 w0 (plain)",
+    "affine4": "affine4",
+}
+
+
+def every_setting() -> dict[str, KVPolicy]:
+    return {
+        "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
+        DEFAULT: KVPolicy("turboquant", exact_dtype=EXACT),
+        "tq3.5 K5/V2 s4 w0": KVPolicy("turboquant", fp_window=0, exact_dtype=EXACT),
+        "tq3.5 K5/V2 s0 w0 (plain)": KVPolicy("turboquant", sink=0, fp_window=0),
+        "affine4": KVPolicy("affine", bits=4),
+    }
 
 
 def settings(names: str) -> dict[str, KVPolicy]:
-    """``default``: fp32 and the default TurboQuant; ``all``; or names from the list, comma-separated."""
-    exact = "bfloat16"
-
-    def tq(key_bits: float, value_bits: float, **kw) -> KVPolicy:
-        return KVPolicy(
-            "turboquant", key_bits=key_bits, value_bits=value_bits, exact_dtype=exact, **kw
-        )
-
-    every = {
-        "fp32": KVPolicy("fp16"),
-        "tq3.5 K5/V2 s4 w128 (default)": KVPolicy("turboquant", exact_dtype=exact),
-        "tq4 K5/V3 s4 w128": tq(5, 3),
-        "tq3.5 K4/V3 s4 w128": tq(4, 3),
-        "tq3.5 K5/V2 s0 w0 (plain)": tq(5, 2, sink=0, fp_window=0),
-        "affine4": KVPolicy("affine", bits=4),
-    }
+    """``default`` (fp32 and the default TurboQuant), ``all``, or comma-separated aliases
+    (fp32, tq, tq-w0, tq-plain, affine4) or result names; fp32 is always included first."""
+    every = every_setting()
     if names == "all":
         return every
     if names == "default":
-        return dict(list(every.items())[:2])
-    chosen = ["fp32"] + [n.strip() for n in names.split(",") if n.strip() != "fp32"]
-    unknown = [n for n in chosen if n not in every]
-    if unknown:
-        raise SystemExit(f"error: unknown setting(s) {unknown}; choose from {list(every)}")
+        names = "tq"
+    chosen = ["fp32"]
+    for n in (n.strip() for n in names.split(",")):
+        name = ALIASES.get(n, n)
+        if name not in every:
+            raise SystemExit(f"error: unknown setting {n!r}; choose from {', '.join(ALIASES)}")
+        if name not in chosen:
+            chosen.append(name)
     return {n: every[n] for n in chosen}
 
 
-def _feed(model, cache, tokens: list[int]) -> mx.array:
-    logits = None
+class Prompts:
+    """The prompts of one seed: its key, its haystack (corpus from a random offset, repeated)."""
+
+    def __init__(self, tokenizer, corpus: list[int], seed: int, max_length: int):
+        rng = random.Random(seed)
+        self.key = rng.randint(10000, 99999)
+        start = rng.randrange(len(corpus))
+        self.head = tokenizer.encode(INTRO)  # with BOS
+        self.needle = tokenizer.encode(NEEDLE.format(key=self.key), add_special_tokens=False)
+        self.question = tokenizer.encode(QUESTION, add_special_tokens=False)
+        hay = corpus[start:] + corpus[:start]
+        self.hay = hay * (1 + max_length // len(hay))
+
+    def fill(self, length: int) -> int:
+        """Haystack tokens in a prompt of ``length`` tokens."""
+        n = length - len(self.head) - len(self.needle) - len(self.question)
+        if n < 0:
+            raise SystemExit(f"error: {length} tokens cannot hold the prompt around the haystack")
+        return n
+
+    def needle_at(self, length: int, depth: float) -> int:
+        """Token position of the needle in the prompt."""
+        return len(self.head) + round(depth * self.fill(length))
+
+    def prompt(self, length: int, depth: float) -> list[int]:
+        at = self.needle_at(length, depth) - len(self.head)
+        n = self.fill(length)
+        ids = self.head + self.hay[:at] + self.needle + self.hay[at:n] + self.question
+        assert len(ids) == length
+        return ids
+
+    def prefix(self, n: int) -> list[int]:
+        """The first ``n`` tokens every prompt of this seed shares (up to its needle)."""
+        return (self.head + self.hay[: max(0, n - len(self.head))])[:n]
+
+
+def _prefill(model, cache: list, tokens: list[int]) -> None:
+    """``tokens`` in CHUNK-token chunks, evaluating only the cache state (as generate does: no
+    logits are computed for these positions)."""
     for i in range(0, len(tokens), CHUNK):
-        logits = model(mx.array([tokens[i : i + CHUNK]]), cache=cache)
-        mx.eval(logits)
-    return logits
+        model(mx.array([tokens[i : i + CHUNK]]), cache=cache)
+        mx.eval([c.state for c in cache])
 
 
-def _answer(model, cache, logits, tokenizer) -> str:
-    out = []
+def _answer(model, tokenizer, cache: list, last: int, key: int) -> str:
+    """Greedy tokens after the prompt's ``last`` token: up to ANSWER_TOKENS, stopping early at
+    EOS or once the key is there."""
+    out: list[int] = []
+    token = last
     for _ in range(ANSWER_TOKENS):
-        tok = int(mx.argmax(logits[0, -1]).item())
-        if tok in tokenizer.eos_token_ids:
+        logits = model(mx.array([[token]]), cache=cache)
+        token = int(mx.argmax(logits[0, -1]).item())
+        if token in tokenizer.eos_token_ids:
             break
-        out.append(tok)
-        logits = model(mx.array([[tok]]), cache=cache)
+        out.append(token)
+        if str(key) in tokenizer.decode(out):
+            break
     return tokenizer.decode(out)
 
 
-def run_seed(model, tokenizer, policy, corpus: list[int], length: int, seed: int, depths):
-    """All depths of one (length, seed): one trunk prefill, one branch per depth."""
-    rng = random.Random(1000 * seed + length)
-    key = rng.randint(10000, 99999)
-    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    head = tokenizer.encode(INTRO)  # with BOS
-    needle = encode(NEEDLE.format(key=key))
-    question = encode(QUESTION)
-    n_fill = length - len(head) - len(needle) - len(question)
-    start = rng.randrange(len(corpus))
-    hay = (corpus[start:] + corpus) * (1 + n_fill // len(corpus))
-    hay = hay[:n_fill]
+def run_seed(model, tokenizer, policy: KVPolicy, prompts: Prompts, length: int, depths) -> list:
+    """Every depth of one (length, seed) for one setting: the trunk is fed in whole chunks up to
+    each needle's chunk boundary, and each depth finishes its prompt on a deep copy."""
     trunk = model.make_cache(policy)
-    _feed(model, trunk, head)
     done = 0
     rows = []
     for depth in sorted(depths):
-        at = round(depth * n_fill)
-        if at > done:
-            _feed(model, trunk, hay[done:at])
-            done = at
+        at = prompts.needle_at(length, depth)
+        boundary = at // CHUNK * CHUNK
+        if boundary > done:
+            _prefill(model, trunk, prompts.prefix(boundary)[done:])
+            done = boundary
+        ids = prompts.prompt(length, depth)
         branch = copy.deepcopy(trunk)
-        logits = _feed(model, branch, needle + hay[at:] + question)
-        text = _answer(model, branch, logits, tokenizer)
+        _prefill(model, branch, ids[done:-1])
+        text = _answer(model, tokenizer, branch, ids[-1], prompts.key)
         rows.append(
             {
                 "length": length,
                 "depth": depth,
-                "seed": seed,
-                "key": key,
+                "needle_position": at,
+                "key": prompts.key,
                 "answer": text,
-                "correct": str(key) in text,
+                "correct": str(prompts.key) in text,
             }
         )
     return rows
@@ -134,53 +195,82 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1K tokens, 2 depths, 1 seed (CI)")
     ap.add_argument("--long", action="store_true", help="add 32K tokens")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--lengths", default="1024,4096,8192,16384")
+    ap.add_argument("--lengths", default=",".join(str(n) for n in LENGTHS))
+    ap.add_argument("--depths", default=",".join(f"{d:g}" for d in DEPTHS))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per length (default: SEEDS)")
-    ap.add_argument("--settings", default="default", help="default | all | comma-separated names")
+    ap.add_argument(
+        "--settings",
+        default="default",
+        help="default | all | comma-separated: fp32, tq, tq-w0, tq-plain, affine4",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    lengths = [1024] if args.quick else [int(x) for x in args.lengths.split(",")]
+    lengths = [1024] if args.quick else sorted(int(x) for x in args.lengths.split(","))
     if args.long and 32768 not in lengths:
         lengths.append(32768)
-    depths = (0.0, 1.0) if args.quick else DEPTHS
+    depths = (0.0, 1.0) if args.quick else tuple(float(x) for x in args.depths.split(","))
     seeds = {n: 1 if args.quick else (args.seeds or SEEDS.get(n, 1)) for n in lengths}
+    policies = settings("default" if args.quick else args.settings)
+    name = "needle_quick" if args.quick else "needle"
+
     model, tokenizer = load(args.model, dtype="float32")
     corpus = tokenizer.encode(corpus_text(), add_special_tokens=False)
-    policies = settings(args.settings)
+    prompts = {s: Prompts(tokenizer, corpus, s, max(lengths)) for s in range(max(seeds.values()))}
+    planned = sum(seeds[n] * len(depths) for n in lengths)
+    print(
+        f"{planned} prompts per setting ({', '.join(f'{seeds[n]}x{n}' for n in lengths)} tokens,"
+        f" {len(depths)} depths), settings: {', '.join(policies)}",
+        flush=True,
+    )
     rows: list[dict] = []
     t0 = time.perf_counter()
-    name = "needle_quick" if args.quick else "needle"
     for length in lengths:
-        for setting, policy in policies.items():
-            for seed in range(seeds[length]):
-                for r in run_seed(model, tokenizer, policy, corpus, length, seed, depths):
-                    rows.append({"setting": setting, **r})
-            got = [r for r in rows if r["setting"] == setting and r["length"] == length]
-            print(
-                f"{length:6d} tokens  {setting:32s} {sum(r['correct'] for r in got)}/{len(got)}"
-                f"  ({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
-        summary = summarize(rows, policies)
-        payload = {
-            "model": args.model,
-            "depths": list(depths),
-            "seeds": {str(n): s for n, s in seeds.items()},
-            "settings": {n: p.describe() for n, p in policies.items()},
-            "seconds": time.perf_counter() - t0,
-            "summary": summary,
-            "trials": rows,
-        }
-        write_json(args.out, name, payload)
-        plot(summary, args.out / f"{name}.png")
+        for seed in range(seeds[length]):
+            for setting, policy in policies.items():
+                t = time.perf_counter()
+                got = run_seed(model, tokenizer, policy, prompts[seed], length, depths)
+                rows += [{"setting": setting, "seed": seed, **r} for r in got]
+                marks = " ".join(
+                    f"{r['depth']:g}:{'ok' if r['correct'] else repr(r['answer'].strip()[:12])}"
+                    for r in got
+                )
+                print(
+                    f"{length:6d} tokens  seed {seed}  {setting:30s} {marks}"
+                    f"  ({time.perf_counter() - t:.0f} s, total {time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+                write(args, name, rows, policies, lengths, depths, seeds, t0)
+    print_table(summarize(rows, policies))
     print(f"wrote {args.out / name}.json and .png")
 
 
+def write(args, name, rows, policies, lengths, depths, seeds, t0) -> None:
+    summary = summarize(rows, policies)
+    payload = {
+        "model": args.model,
+        "prompt": {"intro": INTRO, "needle": NEEDLE, "question": QUESTION},
+        "chunk": CHUNK,
+        "answer_tokens": ANSWER_TOKENS,
+        "lengths": lengths,
+        "depths": list(depths),
+        "seeds": {str(n): s for n, s in seeds.items()},
+        "settings": {
+            n: "float32 (model dtype)" if n == "fp32" else p.describe() for n, p in policies.items()
+        },
+        "seconds": time.perf_counter() - t0,
+        "summary": summary,
+        "trials": rows,
+    }
+    write_json(args.out, name, payload)
+    plot(summary, rows, args.out / f"{name}.png")
+
+
 def summarize(rows: list[dict], policies: dict) -> dict:
-    """Accuracy per setting and length, and agreement with the float32 trial by trial."""
+    """Per setting and length: accuracy, trials, and agreement with the float32 trial by trial
+    (over the trials float32 has run)."""
     base = {
         (r["length"], r["depth"], r["seed"]): r["correct"] for r in rows if r["setting"] == "fp32"
     }
@@ -190,22 +280,38 @@ def summarize(rows: list[dict], policies: dict) -> dict:
             got = [r for r in rows if r["setting"] == setting and r["length"] == length]
             if not got:
                 continue
-            same = [r["correct"] == base.get((r["length"], r["depth"], r["seed"])) for r in got]
+            paired = [r for r in got if (r["length"], r["depth"], r["seed"]) in base]
+            same = [r["correct"] == base[(r["length"], r["depth"], r["seed"])] for r in paired]
             out.setdefault(setting, {})[str(length)] = {
                 "accuracy": sum(r["correct"] for r in got) / len(got),
+                "correct": sum(r["correct"] for r in got),
                 "trials": len(got),
-                "same_as_fp32": sum(same) / len(same),
+                "same_as_fp32": sum(same) / len(same) if same else None,
             }
     return out
 
 
-def plot(summary: dict, path: Path) -> None:
+def print_table(summary: dict) -> None:
+    lengths = sorted({int(n) for by in summary.values() for n in by})
+    print(f"{'pass key found':32s}" + "".join(f"{n:>14d}" for n in lengths))
+    for setting, by in summary.items():
+        cells = []
+        for n in lengths:
+            s = by.get(str(n))
+            cells.append(f"{s['correct']:>6d}/{s['trials']:<3d}" if s else "-")
+        print(f"{setting:32s}" + "".join(f"{c:>14s}" for c in cells))
+
+
+def plot(summary: dict, rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(summary)
+    fig, axes = plt.subplots(1, 1 + len(names), figsize=(5 + 3.2 * len(names), 3.8), squeeze=False)
+    ax = axes[0, 0]
     for setting, by_length in summary.items():
         xs = sorted(int(n) for n in by_length)
         ax.plot(xs, [by_length[str(n)]["accuracy"] for n in xs], marker="o", label=setting)
@@ -213,9 +319,28 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("pass key found")
-    ax.set_title("passkey retrieval (Gemma 3 270M, 5 depths)")
+    ax.set_title("passkey retrieval (Gemma 3 270M)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    for ax, setting in zip(axes[0, 1:], names):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                got = [
+                    r["correct"]
+                    for r in rows
+                    if r["setting"] == setting and r["length"] == n and r["depth"] == d
+                ]
+                if got:
+                    grid[i, j] = sum(got) / len(got)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(setting, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

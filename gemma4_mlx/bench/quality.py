@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.bench.common import corpus_text, global_bits
+from gemma4_mlx.bench.common import accumulate, corpus_text, global_bits
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
@@ -118,25 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         n = min(CHUNK, max(lengths) - done)
         x = mx.array([tokens[done : done + n]])
         y = mx.array(tokens[done + 1 : done + n + 1])
-        ref = model(x, cache=caches["fp32"], all_logits=True)[0].astype(mx.float32)
-        ref_logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
-        ref_top = mx.argmax(ref, axis=-1)
-        ref_p = mx.exp(ref_logp)
+        ref = model(x, cache=caches["fp32"], all_logits=True)[0]
         for name, cache in caches.items():
-            if name == "fp32":
-                logp, top = ref_logp, ref_top
-                kl = mx.array(0.0)
-            else:
-                logits = model(x, cache=cache, all_logits=True)[0].astype(mx.float32)
-                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                top = mx.argmax(logits, axis=-1)
-                kl = mx.sum(ref_p * (ref_logp - logp))
-            nll = -mx.sum(mx.take_along_axis(logp, y[:, None], axis=-1))
-            agree = mx.sum(top == ref_top)
-            mx.eval(nll, kl, agree)
-            sums[name]["nll"] += nll.item()
-            sums[name]["kl"] += kl.item()
-            sums[name]["top1"] += agree.item()
+            logits = ref if name == "fp32" else model(x, cache=cache, all_logits=True)[0]
+            accumulate(sums[name], logits, ref, y)
         done += n
         if done in lengths:
             for name, cache in caches.items():

@@ -1,17 +1,30 @@
 """Prompt and decode speed per KV setting on real weights, as ratios to the float32 cache.
 
 The offline demo model (Gemma 3 270M, float32) reads real English text (the license texts of
-benchmarks/quality.py) in 512-token chunks up to 16K tokens, one prefill per setting; at 1K, 4K
-and 16K tokens of context it records prompt tokens/s (tokens so far / prefill time so far: what
-a prompt of that length costs), then times 32 greedy decode steps after one warm-up step (those
-tokens stay in the context). Also recorded: ``mx.get_peak_memory()`` since the setting started
-(model weights included) and the caches' ``nbytes``. Ratios are to the float32 cache in the same
-run. Only global-layer caches differ between settings (sliding layers keep exact ring buffers).
-On this CPU the MLX kernels are the CPU build's; on a Mac the absolute numbers differ.
+benchmarks/quality.py) in 512-token chunks up to 16K tokens, the way ``generate`` prefills a
+prompt: each chunk's forward pass, then one ``mx.eval`` of the cache state (no logits are computed
+for prompt positions). At 1K, 4K and 16K tokens of context it records:
 
-    python benchmarks/speed.py           # 6 settings, 1K/4K/16K (~15-20 min here)
-    python benchmarks/speed.py --quick   # 512 tokens, 2 settings, for CI
+- prompt tokens/s: tokens so far / prefill time so far (what a prompt of that length costs);
+- decode tokens/s: 32 greedy steps (one token each, argmax, ``mx.eval``) timed after one
+  warm-up step; the decoded tokens stay in the context (a later checkpoint's context holds 33
+  more tokens per earlier checkpoint: ``context_tokens`` in the results);
+- peak memory: ``mx.get_peak_memory()`` after ``mx.reset_peak_memory()`` around each of the
+  setting's own chunks and decode steps, minus the other settings' caches resident at that
+  moment (see below), so model weights, this setting's cache and its transients;
+- cache bytes: the caches' ``nbytes`` (all layers, and the global layers alone).
+
+All settings run in lockstep, chunk by chunk and checkpoint by checkpoint, each with its own
+cache: a slowdown of the machine (this CPU is shared) falls on every setting alike, so the ratios
+to float32 stay fair. Only global-layer caches differ between settings (sliding layers keep their
+exact ring buffers); TurboQuant's exact tokens (sink and recent window) are stored as bfloat16 as
+on a Mac. These are the CPU build's MLX kernels: on a Mac's GPU the absolute numbers, and the
+ratios, differ.
+
+    python benchmarks/speed.py           # 6 settings, 1K/4K/16K (~22 min here)
+    python benchmarks/speed.py --quick   # 512 tokens, 2 settings, 4 decode steps (~5 s)
     (also: gemma4-mlx bench speed [options])
+Results (JSON, PNG) are rewritten at each checkpoint, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -21,97 +34,184 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
 from gemma4_mlx.bench.common import corpus_text, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
-CHUNK = 512
+CHUNK = 512  # prefill step, as generate's
+EXACT = "bfloat16"  # storage of TurboQuant's exact tokens (as in benchmarks/quality.py)
+DEFAULT = "tq3.5 K5/V2 s4 w128 (default)"
 
 
-def settings(quick: bool) -> dict[str, KVPolicy]:
-    exact = "bfloat16"
-    every = {
-        "fp32": KVPolicy("fp16"),
-        "tq3.5 K5/V2 s4 w128 (default)": KVPolicy("turboquant", exact_dtype=exact),
+def every_setting() -> dict[str, KVPolicy]:
+    return {
+        "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
         "affine8": KVPolicy("affine", bits=8),
         "affine4": KVPolicy("affine", bits=4),
-        "tq4 K5/V3 s4 w128": KVPolicy("turboquant", bits=4, exact_dtype=exact),
-        "tq3.5 K5/V2 s0 w0 (plain)": KVPolicy("turboquant", sink=0, fp_window=0),
+        "tq4 K5/V3 s4 w128": KVPolicy("turboquant", bits=4, exact_dtype=EXACT),
+        DEFAULT: KVPolicy("turboquant", exact_dtype=EXACT),
+        "tq3.5 K5/V2 s4 w0": KVPolicy("turboquant", fp_window=0, exact_dtype=EXACT),
     }
-    return dict(list(every.items())[:2]) if quick else every
 
 
-def measure(model, tokens: list[int], policy: KVPolicy, lengths: list[int], steps: int) -> dict:
-    cache = model.make_cache(policy)
-    mx.synchronize()
-    mx.reset_peak_memory()
-    prefill_s, fed, rows = 0.0, 0, {}
-    for length in lengths:
-        while fed < length:
-            n = min(CHUNK, length - fed)
-            t = time.perf_counter()
-            logits = model(mx.array([tokens[fed : fed + n]]), cache=cache)
-            mx.eval(logits)
-            prefill_s += time.perf_counter() - t
-            fed += n
-        tok = mx.argmax(logits[0, -1]).reshape(1, 1)
-        mx.eval(model(tok, cache=cache))  # warm-up step
+ALIASES = {
+    "fp32": "fp32",
+    "affine8": "affine8",
+    "affine4": "affine4",
+    "tq4": "tq4 K5/V3 s4 w128",
+    "tq": DEFAULT,
+    "tq-w0": "tq3.5 K5/V2 s4 w0",
+}
+
+
+def settings(names: str) -> dict[str, KVPolicy]:
+    """``all``, or comma-separated aliases (fp32, affine8, affine4, tq4, tq, tq-w0) or result
+    names; fp32 (the baseline of the ratios) is always included first."""
+    every = every_setting()
+    if names == "all":
+        return every
+    chosen = ["fp32"]
+    for n in (n.strip() for n in names.split(",")):
+        name = ALIASES.get(n, n)
+        if name not in every:
+            raise SystemExit(f"error: unknown setting {n!r}; choose from {', '.join(ALIASES)}")
+        if name not in chosen:
+            chosen.append(name)
+    return {n: every[n] for n in chosen}
+
+
+def _bytes(model, cache: list) -> tuple[int, int]:
+    """(all layers, global layers) cache bytes."""
+    specs = [s for s in model.config.layers if not s.is_kv_shared]
+    total = sum(c.nbytes for c in cache)
+    return total, sum(c.nbytes for s, c in zip(specs, cache) if not s.is_sliding)
+
+
+class Run:
+    """One setting's cache, timers and peak memory."""
+
+    def __init__(self, model, policy: KVPolicy):
+        self.model = model
+        self.cache = model.make_cache(policy)
+        self.prefill_s = 0.0
+        self.peak = 0
+
+    def timed(self, others: int, fn):
+        """Run ``fn`` (which evaluates what it computes); returns (seconds, result). The peak
+        recorded is the process peak during ``fn`` minus ``others`` (other settings' caches)."""
+        mx.synchronize()
+        mx.reset_peak_memory()
         t = time.perf_counter()
-        for _ in range(steps):
-            logits = model(tok, cache=cache)
-            tok = mx.argmax(logits[0, -1]).reshape(1, 1)
-            mx.eval(tok)
-        decode_s = time.perf_counter() - t
-        rows[str(length)] = {
-            "prompt_tps": length / prefill_s,
-            "decode_tps": steps / decode_s,
-            "peak_memory_bytes": mx.get_peak_memory(),
-            "cache_bytes": sum(c.nbytes for c in cache),
-        }
-    return rows
+        out = fn()
+        seconds = time.perf_counter() - t
+        self.peak = max(self.peak, mx.get_peak_memory() - others)
+        return seconds, out
+
+    def prefill(self, tokens: list[int], others: int) -> None:
+        def step():
+            self.model(mx.array([tokens]), cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+
+        self.prefill_s += self.timed(others, step)[0]
+
+    def decode(self, first: int, steps: int, others: int) -> float:
+        """Greedy steps from token ``first``: one warm-up step, then ``steps`` timed steps."""
+
+        def one(token: mx.array) -> mx.array:
+            logits = self.model(token.reshape(1, 1), cache=self.cache)
+            token = mx.argmax(logits[0, -1])
+            mx.eval(token)
+            return token
+
+        token = self.timed(others, lambda: one(mx.array(first)))[1]
+
+        def timed_steps():
+            t = token
+            for _ in range(steps):
+                t = one(t)
+
+        return steps / self.timed(others, timed_steps)[0]
+
+
+def others(model, runs: dict, name: str) -> int:
+    """Bytes of the other settings' caches (resident while ``name`` runs)."""
+    return sum(_bytes(model, r.cache)[0] for n, r in runs.items() if n != name)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="512 tokens, 2 settings (CI)")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--lengths", default="1024,4096,16384")
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument(
+        "--settings", default="all", help="all | comma-separated: affine8, affine4, tq4, tq, tq-w0"
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     lengths = [512] if args.quick else sorted(int(x) for x in args.lengths.split(","))
     steps = 4 if args.quick else args.decode_steps
-    model, tokenizer = load(args.model, dtype="float32")
-    tokens = tokenizer.encode(corpus_text())[: max(lengths)]
-    if len(tokens) < max(lengths):
-        raise SystemExit(f"error: the corpus has only {len(tokens)} tokens")
-    policies = settings(args.quick)
-    results: dict[str, dict] = {}
-    t0 = time.perf_counter()
+    policies = settings("tq" if args.quick else args.settings)
     name = "speed_quick" if args.quick else "speed"
-    for setting, policy in policies.items():
-        results[setting] = measure(model, tokens, policy, lengths, steps)
-        base = results["fp32"]
-        for length, r in results[setting].items():
-            r["prompt_ratio"] = r["prompt_tps"] / base[length]["prompt_tps"]
-            r["decode_ratio"] = r["decode_tps"] / base[length]["decode_tps"]
+
+    model, tokenizer = load(args.model, dtype="float32")
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    tokens = tokenizer.encode(corpus_text())
+    if len(tokens) < max(lengths) + 1:
+        raise SystemExit(f"error: the corpus has only {len(tokens)} tokens")
+    runs = {n: Run(model, p) for n, p in policies.items()}
+    results: dict[str, dict] = {n: {} for n in runs}
+    t0 = time.perf_counter()
+    fed = 0  # prompt tokens in every cache (the decoded tokens come on top)
+    for length in lengths:
+        while fed < length:
+            chunk = tokens[fed : min(fed + CHUNK, length)]
+            for n, run in runs.items():
+                run.prefill(chunk, others(model, runs, n))
+            fed += len(chunk)
+        for n, run in runs.items():
+            context = run.cache[-1].offset
+            decode_tps = run.decode(tokens[fed], steps, others(model, runs, n))
+            total, global_ = _bytes(model, run.cache)
+            results[n][str(length)] = {
+                "context_tokens": context,
+                "prompt_tps": length / run.prefill_s,
+                "decode_tps": decode_tps,
+                "peak_memory_bytes": run.peak,
+                "cache_bytes": total,
+                "global_cache_bytes": global_,
+            }
+        base = results["fp32"][str(length)]
+        for n in runs:
+            r = results[n][str(length)]
+            r["prompt_ratio"] = r["prompt_tps"] / base["prompt_tps"]
+            r["decode_ratio"] = r["decode_tps"] / base["decode_tps"]
+        print(f"--- {length} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for n in runs:
+            r = results[n][str(length)]
             print(
-                f"{setting:32s} {int(length):6d} tokens  prompt {r['prompt_tps']:7.1f} tok/s "
-                f"({r['prompt_ratio']:.2f}x)  decode {r['decode_tps']:6.2f} tok/s "
-                f"({r['decode_ratio']:.2f}x)  peak {r['peak_memory_bytes'] / 2**20:7.0f} MiB  "
-                f"cache {r['cache_bytes'] / 2**20:6.1f} MiB",
+                f"{n:30s} prompt {r['prompt_tps']:6.1f} tok/s ({r['prompt_ratio']:.2f}x)  "
+                f"decode {r['decode_tps']:5.2f} tok/s ({r['decode_ratio']:.2f}x)  "
+                f"peak {r['peak_memory_bytes'] / 2**20:6.0f} MiB  "
+                f"cache {r['cache_bytes'] / 2**20:6.1f} MiB"
+                f" (global {r['global_cache_bytes'] / 2**20:5.1f})",
                 flush=True,
             )
         payload = {
             "model": args.model,
             "chunk": CHUNK,
             "decode_steps": steps,
-            "lengths": lengths,
-            "settings": {n: p.describe() for n, p in policies.items()},
+            "lengths": [n for n in lengths if str(n) in results["fp32"]],
+            "weights_bytes": weights,
+            "settings": {
+                n: "float32 (model dtype)" if n == "fp32" else p.describe()
+                for n, p in policies.items()
+            },
             "seconds": time.perf_counter() - t0,
             "results": results,
         }
@@ -126,17 +226,19 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for setting, rows in results.items():
         xs = sorted(int(n) for n in rows)
-        for ax, key in zip(axes, ("prompt_tps", "decode_tps")):
-            ax.plot(xs, [rows[str(n)][key] for n in xs], marker="o", label=setting)
-    for ax, title in zip(axes, ("prompt tokens/s", "decode tokens/s")):
+        for ax, key in zip(axes, ("prompt_tps", "decode_tps", "peak_memory_bytes")):
+            scale = 2**20 if key == "peak_memory_bytes" else 1
+            ax.plot(xs, [rows[str(n)][key] / scale for n in xs], marker="o", label=setting)
+    titles = ("prompt tokens/s", "decode tokens/s", "peak memory (MiB, weights included)")
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
-        ax.set_title(f"{title} (Gemma 3 270M, float32, CPU)")
+        ax.set_title(f"{title}\nGemma 3 270M, float32, CPU", fontsize=9)
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

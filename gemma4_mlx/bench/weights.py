@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.bench.common import corpus_text, write_json
+from gemma4_mlx.bench.common import accumulate, corpus_text, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.convert import _quantize
 from gemma4_mlx.loading import load
@@ -70,22 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         x = mx.array([tokens[done : done + n]])
         y = mx.array(tokens[done + 1 : done + n + 1])
         ref = reference(x, cache=caches["float32"], all_logits=True)[0]
-        ref_logp = ref - mx.logsumexp(ref, axis=-1, keepdims=True)
-        ref_top = mx.argmax(ref, axis=-1)
         for name, model in models.items():
-            if name == "float32":
-                logp, top, kl = ref_logp, ref_top, mx.array(0.0)
-            else:
-                logits = model(x, cache=caches[name], all_logits=True)[0].astype(mx.float32)
-                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                top = mx.argmax(logits, axis=-1)
-                kl = mx.sum(mx.exp(ref_logp) * (ref_logp - logp))
-            nll = -mx.sum(mx.take_along_axis(logp, y[:, None], axis=-1))
-            agree = mx.sum(top == ref_top)
-            mx.eval(nll, kl, agree)
-            sums[name]["nll"] += nll.item()
-            sums[name]["kl"] += kl.item()
-            sums[name]["top1"] += agree.item()
+            logits = ref if name == "float32" else model(x, cache=caches[name], all_logits=True)[0]
+            accumulate(sums[name], logits, ref, y)
         done += n
         if done in lengths:
             base = math.exp(sums["float32"]["nll"] / done)

@@ -49,6 +49,7 @@ class KVPolicy:
     fp_window: int = 128  # turboquant: each query's most recent tokens read exact
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
+    center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
@@ -64,6 +65,8 @@ class KVPolicy:
             raise UserError(f"exact_dtype must be float16, bfloat16 or float32: {self.exact_dtype}")
         if self.sink < 0:
             raise UserError(f"--kv-sink must be >= 0, got {self.sink}")
+        if self.center < 0:
+            raise UserError(f"--kv-center must be >= 0, got {self.center}")
         if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
             raise UserError(
                 f"--kv-bits for the affine cache must be 2, 3, 4, 5, 6 or 8, got {self.bits}"
@@ -101,9 +104,10 @@ class KVPolicy:
         if self.kind == "affine":
             return f"affine {self.resolved_bits()[0]:g}-bit (group {self.group_size})"
         k, v = self.resolved_bits()
+        centre = f"centred on {self.center} tokens" if self.center else "uncentred"
         return (
             f"turboquant {self.codec} K{k:g}/V{v:g}, {self.sink} first and "
-            f"{self.fp_window} recent tokens exact"
+            f"{self.fp_window} recent tokens exact, {centre}"
         )
 
 
@@ -139,7 +143,12 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
 
     exact_dtype = getattr(mx, policy.exact_dtype) if policy.exact_dtype else None
     return TurboQuantKVCache(
-        key_spec, value_spec, fp_window=policy.fp_window, sink=policy.sink, exact_dtype=exact_dtype
+        key_spec,
+        value_spec,
+        fp_window=policy.fp_window,
+        sink=policy.sink,
+        exact_dtype=exact_dtype,
+        center=policy.center,
     )
 
 

@@ -36,16 +36,23 @@ KV_WINDOW = typer.Option(
 KV_SINK = typer.Option(
     None, "--kv-sink", help="TurboQuant: first tokens kept exact (default: policy)."
 )
+KV_CENTER = typer.Option(
+    None,
+    "--kv-center",
+    help="TurboQuant: tokens after the sink whose mean centres the codes; 0: off (default: policy).",
+)
 KV_CODEC = typer.Option(
     "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
 )
 DTYPE = typer.Option(None, "--dtype", help="Cast weights: float32 | bfloat16 | float16.")
 
 
-def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink=None):
+def _policy(
+    kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink=None, kv_center=None
+):
     from gemma4_mlx.cache import KVPolicy
 
-    extra = {"fp_window": kv_window, "sink": kv_sink}
+    extra = {"fp_window": kv_window, "sink": kv_sink, "center": kv_center}
     return KVPolicy(
         kind=kv_cache,
         bits=kv_bits,
@@ -104,6 +111,7 @@ def generate(
     value_bits: float | None = VALUE_BITS,
     kv_window: int | None = KV_WINDOW,
     kv_sink: int | None = KV_SINK,
+    kv_center: int | None = KV_CENTER,
     kv_codec: str = KV_CODEC,
     prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
@@ -124,7 +132,9 @@ def generate(
         raise UserError("the prompt is empty")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink)
+    policy = _policy(
+        kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink, kv_center
+    )
     model_dir, m, tokenizer = _load(model, dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
@@ -198,13 +208,16 @@ def chat(
     value_bits: float | None = VALUE_BITS,
     kv_window: int | None = KV_WINDOW,
     kv_sink: int | None = KV_SINK,
+    kv_center: int | None = KV_CENTER,
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
     """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit."""
     from gemma4_mlx.generate import Chat
 
-    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink)
+    policy = _policy(
+        kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink, kv_center
+    )
     model_dir, m, tokenizer = _load(model, dtype)
     session = Chat(
         m,

@@ -24,11 +24,13 @@ def _reference(cache, keys, values, q, scale, window=None):
 
     T, L = keys.shape[2], q.shape[2]
     ks, vs = cache.key_spec, cache.value_spec
-    k_q = decode(encode(keys, ks), ks)
-    v_q = decode(encode(values, vs), vs)
+    k_mean = mx.array(0.0) if cache.key_mean is None else cache.key_mean
+    v_mean = mx.array(0.0) if cache.value_mean is None else cache.value_mean
+    k_q = decode(encode(keys - k_mean.astype(mx.float32), ks), ks) + k_mean
+    v_q = decode(encode(values - v_mean.astype(mx.float32), vs), vs) + v_mean
     t = np.arange(T - L, T)[:, None]
     j = np.arange(T)[None, :]
-    exact = mx.array((j < cache.sink) | (t - j <= cache.fp_window))
+    exact = mx.array((j < cache.sink) | (t - j <= cache.fp_window) | (t < cache.sink + cache.center))
     visible = (j <= t) if window is None else (j <= t) & (t - j < window)
     groups = q.shape[1] // keys.shape[1]
     outs = []
@@ -43,22 +45,28 @@ def _reference(cache, keys, values, q, scale, window=None):
 
 
 @pytest.mark.parametrize("n_q_heads, n_kv_heads", [(4, 4), (8, 2), (6, 1)])
-@pytest.mark.parametrize("fp_window, sink", [(0, 0), (5, 0), (0, 2), (3, 4)])
+@pytest.mark.parametrize(
+    "fp_window, sink, center", [(0, 0, 0), (5, 0, 0), (0, 2, 0), (3, 4, 0), (0, 0, 6), (3, 2, 10)]
+)
 @pytest.mark.parametrize("codec", ["mse", "prod"])
 def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
-    n_q_heads, n_kv_heads, fp_window, sink, codec
+    n_q_heads, n_kv_heads, fp_window, sink, center, codec
 ):
     """Prefill chunks and decode steps: every query gets exact keys/values for the sink and its
     own recent window and compressed ones elsewhere, however the tokens arrived."""
     rng = np.random.default_rng(0)
     D = 64
     cache = TurboQuantKVCache(
-        CodecSpec(D, 4, codec), CodecSpec(D, 3, codec), fp_window=fp_window, sink=sink
+        CodecSpec(D, 4, codec),
+        CodecSpec(D, 3, codec),
+        fp_window=fp_window,
+        sink=sink,
+        center=center,
     )
     keys = values = None
     worst = 0.0
     for L in (1, 9, 1, 1, 17, 1, 3):
-        k, v = _rand(rng, 2, n_kv_heads, L, D), _rand(rng, 2, n_kv_heads, L, D)
+        k, v = _rand(rng, 2, n_kv_heads, L, D) + 2, _rand(rng, 2, n_kv_heads, L, D) - 1
         keys = k if keys is None else mx.concatenate([keys, k], axis=2)
         values = v if values is None else mx.concatenate([values, v], axis=2)
         view, _ = cache.update_and_fetch(k, v)
@@ -67,7 +75,8 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
         ref = _reference(cache, keys, values, q, D**-0.5)
         worst = max(worst, float(mx.abs(out - ref).max()))
     assert cache.fp_keys.shape[2] == min(fp_window, cache.offset - min(sink, cache.offset))
-    print(f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, {codec}: {worst:.2e}")
+    assert (cache.key_mean is None) == (center == 0)
+    print(f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}, {codec}: {worst:.2e}")
     assert worst < 1e-5
 
 
@@ -78,7 +87,7 @@ def test_chunked_prefill_equals_token_by_token():
     k, v, q = _rand(rng, 1, 2, T, D), _rand(rng, 1, 2, T, D), _rand(rng, 1, 4, T, D)
     outs = []
     for chunks in ([T], [1] * T, [7, 13, 1, 19]):
-        cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2)
+        cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2, center=9)
         parts, pos = [], 0
         for n in chunks:
             view, _ = cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
@@ -87,6 +96,26 @@ def test_chunked_prefill_equals_token_by_token():
         outs.append(mx.concatenate(parts, axis=2))
     for other in outs[1:]:
         assert float(mx.abs(other - outs[0]).max()) < 1e-5
+
+
+def test_centring_cuts_the_error_of_keys_that_share_a_mean():
+    """Keys with a common offset (as real keys have): the centred cache's attention is closer to
+    exact attention than the uncentred one at the same bits, and stores only the mean more."""
+    rng = np.random.default_rng(7)
+    D, T = 64, 400
+    offset = _rand(rng, 1, 2, 1, D) * 2
+    k, v = _rand(rng, 1, 2, T, D) + offset, _rand(rng, 1, 2, T, D)
+    q = _rand(rng, 1, 4, 1, D)
+    exact = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5)
+    errors, sizes = {}, {}
+    for center in (0, 64):
+        cache = TurboQuantKVCache(CodecSpec(D, 3), CodecSpec(D, 3), sink=4, center=center)
+        view, _ = cache.update_and_fetch(k, v)
+        errors[center] = float(mx.abs(view.attend(q, scale=D**-0.5) - exact).max())
+        sizes[center] = cache.nbytes
+    print(f"max |error| uncentred {errors[0]:.4f}, centred {errors[64]:.4f}")
+    assert errors[64] < 0.7 * errors[0]
+    assert sizes[64] - sizes[0] == 2 * 2 * D * 4  # the key and value means, in the keys' float32
 
 
 def test_blocks_and_sliding_window_mask(monkeypatch):
@@ -122,7 +151,12 @@ def test_eight_bit_attention_is_close_to_full_precision():
 def test_save_load_and_trim_round_trip(tmp_path):
     rng = np.random.default_rng(3)
     cache = TurboQuantKVCache(
-        CodecSpec(64, 3.5, "prod"), CodecSpec(64, 2), fp_window=4, sink=2, exact_dtype=mx.bfloat16
+        CodecSpec(64, 3.5, "prod"),
+        CodecSpec(64, 2),
+        fp_window=4,
+        sink=2,
+        exact_dtype=mx.bfloat16,
+        center=8,
     )
     cache.update_and_fetch(_rand(rng, 1, 2, 30, 64), _rand(rng, 1, 2, 30, 64))
     assert cache.fp_keys.dtype == cache.sink_keys.dtype == mx.bfloat16
@@ -132,6 +166,7 @@ def test_save_load_and_trim_round_trip(tmp_path):
     loaded, meta = load_prompt_cache(path, return_metadata=True)
     assert meta == {"note": "x"} and loaded[0].offset == 30 and loaded[0].key_spec == cache.key_spec
     assert (loaded[0].sink, loaded[0].n_sink, loaded[0].exact_dtype) == (2, 2, mx.bfloat16)
+    assert loaded[0].center == 8 and mx.array_equal(loaded[0].key_mean, cache.key_mean).item()
     k1, v1 = _rand(rng, 1, 2, 1, 64), _rand(rng, 1, 2, 1, 64)
     a, _ = cache.update_and_fetch(k1, v1)
     b, _ = loaded[0].update_and_fetch(k1, v1)

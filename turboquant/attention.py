@@ -59,11 +59,18 @@ def attention(
         .reshape(B, n_kv, groups * L, D)
     )
     q_rot = rotate(q, kspec)
+    # compressed tokens were centred before encoding: their means, in the rotated domain
+    k_mean, v_mean = (
+        0.0 if mean is None else rotate(mean.astype(mx.float32), spec)  # (B, n_kv, 1, D)
+        for mean, spec in ((cache.key_mean, kspec), (cache.value_mean, vspec))
+    )
     q_pos = mx.arange(offset - L, offset)
     # query t reads key j exactly for j >= boundary(t) (its recent window, where this call holds
     # exact copies) and compressed below it; the sink (j < n_sink) is always exact
     n_sink = 0 if view.sink_keys is None else view.sink_keys.shape[2]
-    boundary = mx.maximum(q_pos - cache.fp_window, view.fp_start)[:, None]  # (L, 1)
+    # (before sink + center tokens, whose mean centres the codes, everything is exact)
+    boundary = mx.maximum(q_pos - cache.fp_window, view.fp_start)
+    boundary = mx.where(q_pos < cache.sink + cache.center, view.fp_start, boundary)[:, None]
     array_mask = mask if isinstance(mask, mx.array) else None
 
     if array_mask is not None and array_mask.ndim != 2:
@@ -102,11 +109,11 @@ def attention(
     while start < end:
         stop = min(start + step, end)
         k_enc, v_enc = cache.compressed_block(start - n_sink, stop - n_sink)
-        k_rot = decode_rotated(k_enc, kspec)  # (B, n_kv, T, D)
+        k_rot = decode_rotated(k_enc, kspec) + k_mean  # (B, n_kv, T, D)
         scores = q_rot @ k_rot.swapaxes(-1, -2)
         k_pos = mx.arange(start, stop)
         p = online(scores, block_mask(k_pos, k_pos[None, :] < boundary))
-        acc_rot = acc_rot + p @ decode_rotated(v_enc, vspec)
+        acc_rot = acc_rot + p @ (decode_rotated(v_enc, vspec) + v_mean)
         # Evaluate block by block: a lazy graph over all blocks could hold every block's
         # decoded keys/values at once, which is exactly the transient this kernel avoids.
         mx.eval(m, denom, acc_rot, acc_fp)

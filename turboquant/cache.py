@@ -2,7 +2,10 @@
 
 Tokens are quantized as they arrive, except the ``fp_window`` most recent ones, which stay in
 full precision (on real Gemma weights a window of exact recent tokens is worth more than a bit of
-codebook). Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K
+codebook). Keys and values are centred before encoding: the per-head mean of the ``center``
+tokens after the sink is subtracted and kept in full precision, so the codec spends its bits on
+how tokens differ, not on what they share (on Gemma 3 270M's global layers the mean holds 19-68%
+of the key energy). Until those tokens have arrived nothing is compressed. Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K
 and at 256K tokens. ``update_and_fetch`` returns a lightweight ``CompressedView`` (for keys and
 values alike) that attention understands: nothing is dequantized as a whole, ever.
 
@@ -91,7 +94,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
 
     - j < ``sink``: exact (the first tokens, where Gemma parks most of its attention mass);
     - t - ``fp_window`` <= j <= t: exact (the query's most recent tokens and itself);
-    - anything older: compressed.
+    - anything older: compressed;
+    - t < ``sink + center``: everything exact (the mean the codes refer to is not known yet).
 
     Between calls the cache stores the ``sink`` first and the ``fp_window`` last tokens exact and
     everything in between compressed; during an update the tokens leaving the window are
@@ -109,14 +113,23 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         fp_window: int = 0,
         sink: int = 0,
         exact_dtype: mx.Dtype | None = None,
+        center: int = 0,
     ):
-        if fp_window < 0 or sink < 0:
-            raise ValueError(f"fp_window and sink must be >= 0, got {fp_window}, {sink}")
+        if fp_window < 0 or sink < 0 or center < 0:
+            raise ValueError(
+                f"fp_window, sink and center must be >= 0, got {fp_window}, {sink}, {center}"
+            )
         self.key_spec = key_spec
         self.value_spec = value_spec
         self.fp_window = fp_window
         self.sink = sink
         self.exact_dtype = exact_dtype  # storage of the exact tokens (None: as they come)
+        self.center = center  # tokens after the sink whose mean centres the codes (0: none)
+        # (B, H, 1, D) in the exact tokens' dtype, subtracted before encoding and added back when
+        # attending; fixed
+        # once the sink + center first tokens are in (every stored code refers to it)
+        self.key_mean: mx.array | None = None
+        self.value_mean: mx.array | None = None
         self.offset = 0
         # positions [0, n_sink) exact in sink_*, [n_sink, n_quantized) compressed (storage index
         # = position - n_sink), [fp_start, offset) exact in fp_*; fp_start <= n_quantized between
@@ -178,6 +191,13 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             self.fp_start += take
             self.n_quantized = max(self.n_quantized, self.fp_start)
         view = CompressedView(self)  # exact copies of this call's whole range, before trimming
+        if self.offset < self.sink + self.center:  # the mean is not known yet: all stays exact
+            return view, view
+        if self.center and self.key_mean is None:  # positions [sink, sink + center)
+            self.key_mean, self.value_mean = (
+                mx.mean(a[:, :, : self.center].astype(mx.float32), 2, True).astype(a.dtype)
+                for a in (self.fp_keys, self.fp_values)
+            )
         # compress what leaves the window for the next call's queries, drop its exact copy
         keep_from = max(self.offset - self.fp_window, self.fp_start)
         if keep_from > self.n_quantized:
@@ -192,6 +212,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
 
     def _quantize(self, keys: mx.array, values: mx.array) -> None:
         n = keys.shape[2]
+        if self.key_mean is not None:
+            keys = keys.astype(mx.float32) - self.key_mean
+            values = values.astype(mx.float32) - self.value_mean
         k = encode(keys, self.key_spec, check_finite=False)
         v = encode(values, self.value_spec, check_finite=False)
         first = self.n_quantized - self.n_sink  # storage index
@@ -253,7 +276,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         for enc in (self.keys, self.values):
             if enc is not None:
                 total += enc.nbytes
-        for a in (self.fp_keys, self.fp_values, self.sink_keys, self.sink_values):
+        exact = (self.fp_keys, self.fp_values, self.sink_keys, self.sink_values)
+        for a in (*exact, self.key_mean, self.value_mean):
             if a is not None:
                 total += a.nbytes
         return total
@@ -280,6 +304,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
                 "n_quantized": self.n_quantized,
                 "fp_window": self.fp_window,
                 "sink": self.sink,
+                "center": self.center,
                 "fp_start": self.fp_start,
                 "exact_dtype": ""
                 if self.exact_dtype is None
@@ -293,6 +318,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             "fp_values": self.fp_values,
             "sink_keys": self.sink_keys,
             "sink_values": self.sink_values,
+            "key_mean": self.key_mean,
+            "value_mean": self.value_mean,
         }
 
     @state.setter
@@ -304,6 +331,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.offset = int(meta["offset"])
         self.n_quantized = int(meta["n_quantized"])
         self.sink = int(meta.get("sink", 0))
+        self.center = int(meta.get("center", 0))
         dtype = meta.get("exact_dtype", "")
         self.exact_dtype = getattr(mx, dtype) if dtype else None
 
@@ -315,6 +343,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.keys, self.values = encoded(v.get("keys")), encoded(v.get("values"))
         self.fp_keys, self.fp_values = v.get("fp_keys"), v.get("fp_values")
         self.sink_keys, self.sink_values = v.get("sink_keys"), v.get("sink_values")
+        self.key_mean, self.value_mean = v.get("key_mean"), v.get("value_mean")
         fp = 0 if self.fp_keys is None else self.fp_keys.shape[2]
         self.fp_start = int(meta.get("fp_start", self.offset - fp))
 

@@ -30,7 +30,9 @@ def _reference(cache, keys, values, q, scale, window=None):
     v_q = decode(encode(values - v_mean.astype(mx.float32), vs), vs) + v_mean
     t = np.arange(T - L, T)[:, None]
     j = np.arange(T)[None, :]
-    exact = mx.array((j < cache.sink) | (t - j <= cache.fp_window) | (t < cache.sink + cache.center))
+    exact = mx.array(
+        (j < cache.sink) | (t - j <= cache.fp_window) | (t < cache.sink + cache.center)
+    )
     visible = (j <= t) if window is None else (j <= t) & (t - j < window)
     groups = q.shape[1] // keys.shape[1]
     outs = []
@@ -76,7 +78,9 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
         worst = max(worst, float(mx.abs(out - ref).max()))
     assert cache.fp_keys.shape[2] == min(fp_window, cache.offset - min(sink, cache.offset))
     assert (cache.key_mean is None) == (center == 0)
-    print(f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}, {codec}: {worst:.2e}")
+    print(
+        f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}, {codec}: {worst:.2e}"
+    )
     assert worst < 1e-5
 
 

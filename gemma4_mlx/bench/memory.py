@@ -85,6 +85,7 @@ def make_global_cache(policy: KVPolicy | None, head_dim: int):
         CodecSpec(head_dim, vb),
         fp_window=policy.fp_window,
         sink=policy.sink,
+        center=policy.center,
         exact_dtype=mx.bfloat16,  # the synthetic keys are float32; a bf16 model stores bf16
     )
 

@@ -9,10 +9,11 @@ context, get what the policy says:
 - ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
 - ``affine``: mlx-lm's QuantizedKVCache (group-wise affine, ``bits`` 2..8), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: an average of 3.5 defaults to K5/V2), the first ``sink`` tokens and each query's
-  ``fp_window`` most recent tokens read exact (on Gemma 3 270M at 4K tokens these two take KL
-  from 0.041 to 0.006 for 0.5 bit/channel, less as the context grows), codec ``mse`` (with norm
-  correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual).
+  Gemma: the default average of 3 code bits is K4/V2), the first ``sink`` tokens and each
+  query's ``fp_window`` most recent tokens read exact, keys and values centred on the mean of
+  the ``center`` tokens after the sink, codec ``mse`` (with norm correction) or ``prod`` (MSE at
+  b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py
+  chose on real weights (README: the rule and the numbers).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gemma4_mlx.errors import UserError
 
 KV_KINDS = ("fp16", "affine", "turboquant")
 # Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
+DEFAULT_BITS = 3.0  # K4/V2: with sink, window and mean about 3.2 bits/channel stored at 4K
 DEFAULT_SPLITS = {
     2.5: (3, 2),
     3.0: (4, 2),
@@ -46,7 +48,7 @@ class KVPolicy:
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
-    fp_window: int = 128  # turboquant: each query's most recent tokens read exact
+    fp_window: int = 32  # turboquant: each query's most recent tokens read exact
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
@@ -82,7 +84,7 @@ class KVPolicy:
         if self.kind == "affine":
             b = self.bits if self.bits is not None else 4
             return b, b
-        avg = self.bits if self.bits is not None else 3.5
+        avg = self.bits if self.bits is not None else DEFAULT_BITS
         if self.bits is not None and not 1 <= self.bits <= 8:
             raise UserError(f"--kv-bits must be in 1..8, got {self.bits}")
         k_default, v_default = DEFAULT_SPLITS.get(float(avg), (avg, avg))

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gemma4_mlx.bench.common import default_policy, setting_name
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = "tq3.5 K5/V2 s4 w128 (default)"
+DEFAULT = setting_name(default_policy())
 
 
 def _run(script: str, tmp_path: Path, demo_cache: Path) -> dict:

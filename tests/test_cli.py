@@ -79,12 +79,15 @@ def test_turboquant_kv_options_run(tiny_chat_model, capsys):
             "3.5",
             "--kv-window",
             "0",
+            "--kv-center",
+            "2",
             "--json",
         ],
         capsys,
     )
     assert code == 0, err
     assert json.loads(out)["kv_cache"].startswith("turboquant mse K5/V2")
+    assert "centred on 2 tokens" in json.loads(out)["kv_cache"]
 
 
 def test_prompt_from_stdin_and_prompt_cache_file(tiny_chat_model, capsys, monkeypatch, tmp_path):

@@ -205,7 +205,9 @@ def test_eight_bit_turboquant_generation_matches_fp_cache(name, tiny_checkpoints
         return [int(t) for t, _ in generate_step(prompt, model, max_tokens=n, prompt_cache=cache)]
 
     fp = greedy(model.make_cache())
-    tq = greedy(model.make_cache(KVPolicy("turboquant", bits=8, fp_window=0)))
+    cache = model.make_cache(KVPolicy("turboquant", bits=8, fp_window=0, center=2))
+    tq = greedy(cache)
+    assert all(c.n_quantized > c.n_sink for c in cache if isinstance(c, TurboQuantKVCache))
     print(f"{name}: fp {fp}\n{name}: tq {tq}")
     assert tq == fp
 
@@ -214,7 +216,7 @@ def test_kv_shared_consumers_read_the_producers_compressed_cache(tiny_checkpoint
     """E2B-like: 10 layers, 5 consumers; only producers own caches, so quantized once."""
     path, _ = tiny_checkpoints("e2b")
     model, config = load_model(path)
-    cache = model.make_cache(KVPolicy("turboquant", bits=4, fp_window=0))
+    cache = model.make_cache(KVPolicy("turboquant", bits=4, fp_window=0, center=0))
     assert len(cache) == config.text.first_kv_shared_layer == 5
     assert sum(isinstance(c, TurboQuantKVCache) for c in cache) == 1  # layer 4, the global producer
     model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
@@ -230,5 +232,8 @@ def test_policy_errors_are_clear():
         KVPolicy("int4")
     with pytest.raises(UserError, match="--kv-window must be >= 0"):
         KVPolicy("turboquant", fp_window=-1)
+    with pytest.raises(UserError, match="--kv-center must be >= 0"):
+        KVPolicy("turboquant", center=-1)
+    assert KVPolicy("turboquant").resolved_bits() == (4, 2)  # the default
     assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
     assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 LICENSES = Path("/usr/share/common-licenses")
+# The model runs in float32 here, but Gemma 4 runs in bfloat16 on a Mac: TurboQuant's exact tokens
+# (sink, recent window, centring mean) are stored as bfloat16, so the stored bytes measured are a
+# real deployment's (and their rounding is in the numbers).
+EXACT = "bfloat16"
 FIRST = ("GPL-3", "Apache-2.0")
 
 
@@ -63,3 +67,79 @@ def accumulate(sums: dict, logits: Any, reference: Any, targets: Any) -> None:
     sums["nll"] += nll.item()
     sums["kl"] += kl.item()
     sums["top1"] += agree.item()
+
+
+def tq_policy(
+    key_bits: float,
+    value_bits: float,
+    sink: int = 4,
+    window: int = 32,
+    center: int = 128,
+    codec: str = "mse",
+):
+    """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16)."""
+    from gemma4_mlx.cache import KVPolicy
+
+    return KVPolicy(
+        "turboquant",
+        key_bits=key_bits,
+        value_bits=value_bits,
+        sink=sink,
+        fp_window=window,
+        center=center,
+        codec=codec,
+        exact_dtype=EXACT,
+    )
+
+
+def default_policy():
+    """The default TurboQuant policy (``--kv-cache turboquant``), exact tokens as bfloat16."""
+    from gemma4_mlx.cache import KVPolicy
+
+    return KVPolicy("turboquant", exact_dtype=EXACT)
+
+
+def setting_name(policy) -> str:
+    """A result name that says what a setting is: ``affine4``, or for TurboQuant the average code
+    bits, codec, K/V split, first (s) and recent (w) tokens read exact and the tokens whose mean
+    centres the codes (c), e.g. ``tq3 K4/V2 s4 w32 c128 (default)``. ``fp16`` policies are the
+    exact cache in the model's dtype, named ``fp32`` (the benchmarks run float32)."""
+    if policy.kind == "fp16":
+        return "fp32"
+    key_bits, value_bits = policy.resolved_bits()
+    if policy.kind == "affine":
+        return f"affine{key_bits:g}"
+    codec = " prod" if policy.codec == "prod" else ""
+    name = (
+        f"tq{(key_bits + value_bits) / 2:g}{codec} K{key_bits:g}/V{value_bits:g} "
+        f"s{policy.sink} w{policy.fp_window} c{policy.center}"
+    )
+    return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
+
+
+def _resolved(policy):
+    """The policy with its bits spelled out, so equal settings compare equal."""
+    from dataclasses import replace
+
+    key_bits, value_bits = policy.resolved_bits()
+    return replace(policy, bits=None, key_bits=key_bits, value_bits=value_bits)
+
+
+def named(*policies) -> dict:
+    """{setting_name(policy): policy}, in order."""
+    return {setting_name(p): p for p in policies}
+
+
+def choose(aliases: dict, names: str) -> dict:
+    """Settings picked on a command line: ``all``, or comma-separated aliases (the keys of
+    ``aliases``, which map to policies) or result names; fp32 (the baseline) always comes first.
+    Returns {result name: policy}."""
+    by_name = {setting_name(p): alias for alias, p in aliases.items()}
+    chosen = list(aliases) if names == "all" else ["fp32"]
+    for n in [] if names == "all" else (n.strip() for n in names.split(",")):
+        alias = n if n in aliases else by_name.get(n)
+        if alias is None:
+            raise SystemExit(f"error: unknown setting {n!r}; choose from {', '.join(aliases)}")
+        if alias not in chosen:
+            chosen.append(alias)
+    return named(*(aliases[a] for a in chosen))

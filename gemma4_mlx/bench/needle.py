@@ -45,7 +45,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.bench.common import corpus_text, write_json
+from gemma4_mlx.bench.common import choose, corpus_text, default_policy, tq_policy, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
@@ -55,7 +55,6 @@ DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LENGTHS = (1024, 4096, 8192, 16384)
 # seeds per length: few at the long lengths keeps the default run under 30 minutes here
 SEEDS = {1024: 3, 4096: 1, 8192: 1, 16384: 1, 32768: 1}
-EXACT = "bfloat16"  # storage of TurboQuant's exact tokens (as in benchmarks/quality.py)
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there.\n\n"
@@ -63,43 +62,21 @@ INTRO = (
 NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 QUESTION = "\n\nNow, what was the pass key? Answer: The pass key is"
 
-DEFAULT = "tq3.5 K5/V2 s4 w128 (default)"
-# command-line aliases for the settings' result names
+# command-line aliases of the settings (result names: common.setting_name)
 ALIASES = {
-    "fp32": "fp32",
-    "tq": DEFAULT,
-    "tq-w0": "tq3.5 K5/V2 s4 w0",
-    "tq-plain": "tq3.5 K5/V2 s0 w0 (plain)",
-    "affine4": "affine4",
+    "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
+    "tq": default_policy(),
+    "tq-k4.5": tq_policy(4.5, 2),
+    "tq-w0": tq_policy(4, 2, window=0),
+    "tq-plain": tq_policy(4, 2, sink=0, window=0, center=0),
+    "affine4": KVPolicy("affine", bits=4),
 }
-
-
-def every_setting() -> dict[str, KVPolicy]:
-    return {
-        "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
-        DEFAULT: KVPolicy("turboquant", exact_dtype=EXACT),
-        "tq3.5 K5/V2 s4 w0": KVPolicy("turboquant", fp_window=0, exact_dtype=EXACT),
-        "tq3.5 K5/V2 s0 w0 (plain)": KVPolicy("turboquant", sink=0, fp_window=0),
-        "affine4": KVPolicy("affine", bits=4),
-    }
 
 
 def settings(names: str) -> dict[str, KVPolicy]:
     """``default`` (fp32 and the default TurboQuant), ``all``, or comma-separated aliases
-    (fp32, tq, tq-w0, tq-plain, affine4) or result names; fp32 is always included first."""
-    every = every_setting()
-    if names == "all":
-        return every
-    if names == "default":
-        names = "tq"
-    chosen = ["fp32"]
-    for n in (n.strip() for n in names.split(",")):
-        name = ALIASES.get(n, n)
-        if name not in every:
-            raise SystemExit(f"error: unknown setting {n!r}; choose from {', '.join(ALIASES)}")
-        if name not in chosen:
-            chosen.append(name)
-    return {n: every[n] for n in chosen}
+    (fp32, tq, tq-k4.5, tq-w0, tq-plain, affine4) or result names; fp32 always comes first."""
+    return choose(ALIASES, "tq" if names == "default" else names)
 
 
 class Prompts:

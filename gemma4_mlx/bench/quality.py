@@ -28,61 +28,45 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.bench.common import accumulate, corpus_text, global_bits
+from gemma4_mlx.bench.common import (
+    accumulate,
+    corpus_text,
+    default_policy,
+    global_bits,
+    named,
+    setting_name,
+    tq_policy,
+)
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
 CHUNK = 256
-# The model runs in float32 here, but Gemma 4 runs in bfloat16 on a Mac: the exact tokens
-# (sink and recent window) are stored as bfloat16, so the stored bytes measured are a real
-# deployment's (and their rounding is in the numbers).
-EXACT = "bfloat16"
 
 
-def settings(quick: bool) -> dict[str, KVPolicy]:
-    """KV settings compared with the float32 cache. Names: bits, K/V split, first (s) and recent
-    (w) tokens read exact; the default is ``KVPolicy("turboquant", exact_dtype=EXACT)``."""
-
-    def tq(key_bits: float, value_bits: float, sink: int = 4, window: int = 128, codec="mse"):
-        return KVPolicy(
-            "turboquant",
-            key_bits=key_bits,
-            value_bits=value_bits,
-            sink=sink,
-            fp_window=window,
-            codec=codec,
-            exact_dtype=EXACT,
-        )
-
+def settings(quick: bool | None) -> dict[str, KVPolicy]:
+    """KV settings compared with the float32 cache (names: ``common.setting_name``)."""
+    affine4 = KVPolicy("affine", bits=4)
     if quick:
-        return {
-            "affine4": KVPolicy("affine", bits=4),
-            "tq3.5 K5/V2 s4 w128 (default)": KVPolicy("turboquant", exact_dtype=EXACT),
-            "tq3.5 prod K5/V2 s4 w128": tq(5, 2, codec="prod"),
-        }
+        return named(affine4, default_policy(), tq_policy(4, 2, codec="prod"))
     if quick is None:  # the long-context run: the default against its baselines
-        return {
-            "affine4": KVPolicy("affine", bits=4),
-            "tq3.5 K5/V2 s4 w128 (default)": KVPolicy("turboquant", exact_dtype=EXACT),
-            "tq3.5 K5/V2 s4 w256": tq(5, 2, window=256),
-        }
-    return {
-        "affine8": KVPolicy("affine", bits=8),
-        "affine4": KVPolicy("affine", bits=4),
-        "tq4 K5/V3 s4 w128": tq(5, 3),
-        "tq3.5 K5/V2 s4 w128 (default)": KVPolicy("turboquant", exact_dtype=EXACT),
-        "tq3.5 K5/V2 s4 w256": tq(5, 2, window=256),
-        "tq3.5 K5/V2 s4 w8": tq(5, 2, window=8),
-        "tq3.5 K5/V2 s4 w0": tq(5, 2, window=0),
-        "tq3.5 K5/V2 s0 w0 (plain)": tq(5, 2, sink=0, window=0),
-        "tq3.5 K3/V4 s0 w0 (mlx-vlm split)": tq(3, 4, sink=0, window=0),
-        "tq3.5 K4/V3 s4 w128": tq(4, 3),
-        "tq3.5 prod K5/V2 s4 w128": tq(5, 2, codec="prod"),
-        "tq3.25 K5/V1.5 s4 w32": tq(5, 1.5, window=32),
-        "tq3 K4/V2 s4 w128": tq(4, 2),
-        "tq2.5 K3/V2 s4 w128": tq(3, 2),
-        "tq2.5 prod K3/V2 s4 w128": tq(3, 2, codec="prod"),
-    }
+        return named(affine4, default_policy(), tq_policy(4.5, 2), tq_policy(5, 2, window=128))
+    return named(
+        KVPolicy("affine", bits=8),
+        affine4,
+        tq_policy(5, 3),
+        tq_policy(5, 2, window=128),
+        tq_policy(4, 3),
+        tq_policy(5, 2, sink=0, window=0, center=0),  # plain TurboQuant
+        tq_policy(3, 4, sink=0, window=0, center=0),  # mlx-vlm's split for Gemma 4
+        tq_policy(4.5, 2),
+        default_policy(),
+        tq_policy(4, 2, center=0),
+        tq_policy(4, 2, window=16),
+        tq_policy(4, 2, codec="prod"),
+        tq_policy(4, 1.5),
+        tq_policy(3, 2),
+        tq_policy(3, 2, codec="prod"),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                 r = results[name][done]
                 r["perplexity_change"] = r["perplexity"] / base - 1
                 print(
-                    f"{name:24s} ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%)  KL {r['kl']:.4f}"
+                    f"{name:36s} ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%)  KL {r['kl']:.4f}"
                     f"  top-1 {100 * r['top1']:5.1f}%  bits/ch {r['global_bits_per_channel']:.2f}",
                     flush=True,
                 )
@@ -156,6 +140,7 @@ def write(args, results: dict, lengths: list[int], policies: dict, seconds: floa
         "lengths": done,
         "seconds": seconds,
         "settings": {"fp32": "float32", **{n: p.describe() for n, p in policies.items()}},
+        "default": setting_name(default_policy()),
         "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
     }
     (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))

@@ -37,50 +37,26 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.bench.common import corpus_text, write_json
+from gemma4_mlx.bench.common import choose, corpus_text, default_policy, tq_policy, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
 CHUNK = 512  # prefill step, as generate's
-EXACT = "bfloat16"  # storage of TurboQuant's exact tokens (as in benchmarks/quality.py)
-DEFAULT = "tq3.5 K5/V2 s4 w128 (default)"
-
-
-def every_setting() -> dict[str, KVPolicy]:
-    return {
-        "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
-        "affine8": KVPolicy("affine", bits=8),
-        "affine4": KVPolicy("affine", bits=4),
-        "tq4 K5/V3 s4 w128": KVPolicy("turboquant", bits=4, exact_dtype=EXACT),
-        DEFAULT: KVPolicy("turboquant", exact_dtype=EXACT),
-        "tq3.5 K5/V2 s4 w0": KVPolicy("turboquant", fp_window=0, exact_dtype=EXACT),
-    }
-
-
+# command-line aliases of the settings (result names: common.setting_name)
 ALIASES = {
-    "fp32": "fp32",
-    "affine8": "affine8",
-    "affine4": "affine4",
-    "tq4": "tq4 K5/V3 s4 w128",
-    "tq": DEFAULT,
-    "tq-w0": "tq3.5 K5/V2 s4 w0",
+    "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
+    "affine8": KVPolicy("affine", bits=8),
+    "affine4": KVPolicy("affine", bits=4),
+    "tq4": tq_policy(5, 3),
+    "tq": default_policy(),
+    "tq-w0": tq_policy(4, 2, window=0),
 }
 
 
 def settings(names: str) -> dict[str, KVPolicy]:
     """``all``, or comma-separated aliases (fp32, affine8, affine4, tq4, tq, tq-w0) or result
-    names; fp32 (the baseline of the ratios) is always included first."""
-    every = every_setting()
-    if names == "all":
-        return every
-    chosen = ["fp32"]
-    for n in (n.strip() for n in names.split(",")):
-        name = ALIASES.get(n, n)
-        if name not in every:
-            raise SystemExit(f"error: unknown setting {n!r}; choose from {', '.join(ALIASES)}")
-        if name not in chosen:
-            chosen.append(name)
-    return {n: every[n] for n in chosen}
+    names; fp32 (the baseline of the ratios) always comes first."""
+    return choose(ALIASES, names)
 
 
 def _bytes(model, cache: list) -> tuple[int, int]:

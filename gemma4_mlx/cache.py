@@ -9,7 +9,7 @@ context, get what the policy says:
 - ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
 - ``affine``: mlx-lm's QuantizedKVCache (group-wise affine, ``bits`` 2..8), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: the default average of 3 code bits is K4/V2), the first ``sink`` tokens and each
+  Gemma: the default average of 3.25 code bits is K4.5/V2), the first ``sink`` tokens and each
   query's ``fp_window`` most recent tokens read exact, keys and values centred on the mean of
   the ``center`` tokens after the sink, codec ``mse`` (with norm correction) or ``prod`` (MSE at
   b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py
@@ -28,10 +28,11 @@ from gemma4_mlx.errors import UserError
 
 KV_KINDS = ("fp16", "affine", "turboquant")
 # Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
-DEFAULT_BITS = 3.0  # K4/V2: with sink, window and mean about 3.2 bits/channel stored at 4K
+DEFAULT_BITS = 3.25  # K4.5/V2: with sink, window and mean 3.46 bits/channel stored at 4K
 DEFAULT_SPLITS = {
     2.5: (3, 2),
     3.0: (4, 2),
+    3.25: (4.5, 2),
     3.5: (5, 2),
     4.0: (5, 3),
     4.5: (5, 4),

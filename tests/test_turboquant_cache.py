@@ -234,6 +234,6 @@ def test_policy_errors_are_clear():
         KVPolicy("turboquant", fp_window=-1)
     with pytest.raises(UserError, match="--kv-center must be >= 0"):
         KVPolicy("turboquant", center=-1)
-    assert KVPolicy("turboquant").resolved_bits() == (4, 2)  # the default
+    assert KVPolicy("turboquant").resolved_bits() == (4.5, 2)  # the default
     assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
     assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

@@ -66,16 +66,16 @@ QUESTION = "\n\nNow, what was the pass key? Answer: The pass key is"
 ALIASES = {
     "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
     "tq": default_policy(),
-    "tq-k4.5": tq_policy(4.5, 2),
-    "tq-w0": tq_policy(4, 2, window=0),
-    "tq-plain": tq_policy(4, 2, sink=0, window=0, center=0),
+    "tq-k4": tq_policy(4, 2),
+    "tq-w0": tq_policy(4.5, 2, window=0),
+    "tq-plain": tq_policy(4.5, 2, sink=0, window=0, center=0),
     "affine4": KVPolicy("affine", bits=4),
 }
 
 
 def settings(names: str) -> dict[str, KVPolicy]:
     """``default`` (fp32 and the default TurboQuant), ``all``, or comma-separated aliases
-    (fp32, tq, tq-k4.5, tq-w0, tq-plain, affine4) or result names; fp32 always comes first."""
+    (fp32, tq, tq-k4, tq-w0, tq-plain, affine4) or result names; fp32 always comes first."""
     return choose(ALIASES, "tq" if names == "default" else names)
 
 

@@ -49,7 +49,7 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
     if quick:
         return named(affine4, default_policy(), tq_policy(4, 2, codec="prod"))
     if quick is None:  # the long-context run: the default against its baselines
-        return named(affine4, default_policy(), tq_policy(4.5, 2), tq_policy(5, 2, window=128))
+        return named(affine4, default_policy(), tq_policy(4, 2), tq_policy(5, 2, window=128))
     return named(
         KVPolicy("affine", bits=8),
         affine4,
@@ -58,8 +58,8 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
         tq_policy(4, 3),
         tq_policy(5, 2, sink=0, window=0, center=0),  # plain TurboQuant
         tq_policy(3, 4, sink=0, window=0, center=0),  # mlx-vlm's split for Gemma 4
-        tq_policy(4.5, 2),
         default_policy(),
+        tq_policy(4, 2),
         tq_policy(4, 2, center=0),
         tq_policy(4, 2, window=16),
         tq_policy(4, 2, codec="prod"),

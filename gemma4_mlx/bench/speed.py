@@ -49,7 +49,7 @@ ALIASES = {
     "affine4": KVPolicy("affine", bits=4),
     "tq4": tq_policy(5, 3),
     "tq": default_policy(),
-    "tq-w0": tq_policy(4, 2, window=0),
+    "tq-w0": tq_policy(4.5, 2, window=0),
 }
 
 

@@ -5,9 +5,9 @@
    (E2B/E4B to 128K); ``nbytes`` of the real cache object (allocated arrays, growth slack and the
    exact recent-token window included) is multiplied by the number of cache-owning layers of that
    kind (KV-shared consumer layers own none). Settings: bf16 (mlx-lm KVCache), mlx-lm affine 8/4
-   bit (QuantizedKVCache), TurboQuant 2.5/3/3.5/4 bits (K/V splits of gemma4_mlx.cache), with
-   the default 4 first and 128 recent tokens exact (bf16), and 3.5 bits with neither. Sliding
-   layers keep a bf16 ring buffer.
+   bit (QuantizedKVCache), TurboQuant 2.5/3/3.25 (the default)/3.5/4 code bits (K/V splits of
+   gemma4_mlx.cache), with the default 4 first and 32 recent tokens exact (bf16) and the
+   centring means, and 3.5 bits with none of these. Sliding layers keep a bf16 ring buffer.
 2. Peak: for the 31B global-layer shape (32 q heads, 4 kv heads, head dim 512), growth of
    ``mx.get_peak_memory()`` beyond the cache during one decode step (32K and 128K cached tokens)
    and one 512-token prefill chunk (8K and 32K), TurboQuant vs mlx-lm's quantized path.
@@ -31,7 +31,7 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.cache import KVPolicy
+from gemma4_mlx.cache import DEFAULT_BITS, KVPolicy
 from turboquant.cache import TurboQuantKVCache
 from turboquant.codec import CodecSpec
 
@@ -68,9 +68,9 @@ def settings() -> dict[str, KVPolicy | None]:
     out: dict[str, KVPolicy | None] = {"bf16": None}
     out["affine8"] = KVPolicy("affine", bits=8)
     out["affine4"] = KVPolicy("affine", bits=4)
-    for bits in (2.5, 3.0, 3.5, 4.0):  # default sink (4) and window (128), bf16 exact tokens
+    for bits in (2.5, 3.0, DEFAULT_BITS, 3.5, 4.0):  # default sink, window, centring
         out[f"tq{bits:g}"] = KVPolicy("turboquant", bits=bits)
-    out["tq3.5-nowin"] = KVPolicy("turboquant", bits=3.5, fp_window=0, sink=0)
+    out["tq3.5-nowin"] = KVPolicy("turboquant", bits=3.5, fp_window=0, sink=0, center=0)
     return out
 
 
@@ -182,7 +182,7 @@ def peak_and_speed(quick: bool) -> list[dict]:
     n_q, n_kv, hd = 32, 4, 512
     rows = []
     lengths = [8 * K] if quick else [8 * K, 32 * K, 128 * K]
-    tq = make_global_cache(KVPolicy("turboquant", bits=3.5), hd)
+    tq = make_global_cache(KVPolicy("turboquant"), hd)  # the default
     aff = QuantizedKVCache(group_size=64, bits=4)
     for length in lengths:
         fill(tq, length, n_kv, hd, seed=1)
@@ -277,24 +277,25 @@ def main(argv: list[str] | None = None) -> None:
     rows = memory_table(layouts, contexts)
     peaks = peak_and_speed(args.quick)
     checks = []
+    default = f"tq{DEFAULT_BITS:g}"
     for r in rows:
-        if r["variant"] == "31B" and r["context"] == 256 * K and r["setting"] == "tq3.5":
+        if r["variant"] == "31B" and r["context"] == 256 * K and r["setting"] == default:
             checks += [
                 {
-                    "check": "31B@256K TurboQuant 3.5 global KV <= 4.5 GiB",
+                    "check": "31B@256K TurboQuant default global KV <= 4.5 GiB",
                     "value_gib": r["global_bytes"] / GiB,
                     "ok": r["global_bytes"] <= 4.5 * GiB,
                 },
                 {
-                    "check": "31B@256K TurboQuant 3.5 whole-model KV <= 5.3 GiB",
+                    "check": "31B@256K TurboQuant default whole-model KV <= 5.3 GiB",
                     "value_gib": r["total_bytes"] / GiB,
                     "ok": r["total_bytes"] <= 5.3 * GiB,
                 },
             ]
-        if r["setting"] == "tq3.5" and r["context"] >= 128 * K:
+        if r["setting"] == default and r["context"] >= 128 * K:
             checks.append(
                 {
-                    "check": f"{r['variant']}@{r['context'] // K}K TurboQuant 3.5 <= 1/4.4 of bf16 (global)",
+                    "check": f"{r['variant']}@{r['context'] // K}K TurboQuant default <= 1/4.4 of bf16 (global)",
                     "ratio": r["ratio_to_bf16_global"],
                     "ok": r["ratio_to_bf16_global"] >= 4.4,
                 }

@@ -22,7 +22,7 @@ on a Mac. These are the CPU build's MLX kernels: on a Mac's GPU the absolute num
 ratios, differ.
 
     python benchmarks/speed.py           # 6 settings, 1K/4K/16K (~22 min here)
-    python benchmarks/speed.py --quick   # 512 tokens, 2 settings, 4 decode steps (~5 s)
+    python benchmarks/speed.py --quick   # 512 tokens, 3 settings, 4 decode steps (~10 s)
     (also: gemma4-mlx bench speed [options])
 Results (JSON, PNG) are rewritten at each checkpoint, so a stopped run keeps what it measured.
 """
@@ -60,10 +60,11 @@ def settings(names: str) -> dict[str, KVPolicy]:
 
 
 def _bytes(model, cache: list) -> tuple[int, int]:
-    """(all layers, global layers) cache bytes."""
+    """(all layers, global layers) cache bytes (mlx-lm's QuantizedKVCache cannot count itself
+    while empty: it holds nothing then)."""
+    sizes = [0 if c.empty() else c.nbytes for c in cache]
     specs = [s for s in model.config.layers if not s.is_kv_shared]
-    total = sum(c.nbytes for c in cache)
-    return total, sum(c.nbytes for s, c in zip(specs, cache) if not s.is_sliding)
+    return sum(sizes), sum(n for s, n in zip(specs, sizes) if not s.is_sliding)
 
 
 class Run:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="512 tokens, 2 settings (CI)")
+    ap.add_argument("--quick", action="store_true", help="512 tokens, 3 settings (CI)")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--lengths", default="1024,4096,16384")
     ap.add_argument("--decode-steps", type=int, default=32)
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     lengths = [512] if args.quick else sorted(int(x) for x in args.lengths.split(","))
     steps = 4 if args.quick else args.decode_steps
-    policies = settings("tq" if args.quick else args.settings)
+    policies = settings("affine4,tq" if args.quick else args.settings)
     name = "speed_quick" if args.quick else "speed"
 
     model, tokenizer = load(args.model, dtype="float32")

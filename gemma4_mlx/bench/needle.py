@@ -24,7 +24,8 @@ those of a fresh prefill, and about a third of the prefill is saved. Only global
 are compressed (gemma4_mlx.cache); sliding layers keep their exact ring buffers, and TurboQuant's
 exact tokens (sink and recent window) are stored as bfloat16 as on a Mac.
 
-    python benchmarks/needle.py                  # fp32 + default TurboQuant, 1K-16K (~23 min here)
+    python benchmarks/needle.py                  # fp32 + default TurboQuant, 1K-16K (31 min here
+                                                 # while two other benchmarks shared the CPU)
     python benchmarks/needle.py --settings all   # + TurboQuant w0, plain, affine 4 (much longer)
     python benchmarks/needle.py --long           # adds 32K tokens (1 seed; ~35 min more here)
     python benchmarks/needle.py --quick          # 1K tokens, 2 depths, 1 seed, 2 settings (~20 s)

@@ -10,8 +10,10 @@ caches' nbytes at each length (exact sink and window tokens, stored as bfloat16 
 growth slack included). Because the cache reads each query's recent window exactly in prefill as
 in decode, the 256-token chunks give the numbers token-by-token decoding would.
 
-    python benchmarks/quality.py          # 15 settings, 1K and 4K tokens (~25 min here)
-    python benchmarks/quality.py --long   # default + baselines at 1K, 4K and 16K (~30 min)
+    python benchmarks/quality.py          # 15 settings, 1K and 4K tokens (~25 min here alone;
+                                          # 32 min while two other benchmarks shared the CPU)
+    python benchmarks/quality.py --long   # default + 3 baselines at 1K, 4K and 16K (44 min
+                                          # while other benchmarks shared the CPU)
     python benchmarks/quality.py --quick  # 512 tokens, 3 settings, for CI
     (also: gemma4-mlx bench quality [options])
 Results are written after each length, so a long run that is stopped keeps what it measured.

@@ -150,28 +150,52 @@ def write(args, results: dict, lengths: list[int], policies: dict, seconds: floa
     print(f"wrote {args.out / name}.json and .png", flush=True)
 
 
+def _method(name: str) -> tuple[str, str]:
+    """(method, point label) of a result name: settings that differ only in their bits are one
+    method (one line in the plot), e.g. ``tq mse s4 w32 c128`` with points ``K4/V2``, ``K5/V3``."""
+    if name.startswith("affine"):
+        return "mlx-lm affine", name.removeprefix("affine") + "-bit"
+    words = name.replace(" (default)", "").split()
+    codec = "prod" if "prod" in words else "mse"
+    split = next(w for w in words if w.startswith("K"))
+    rest = [w for w in words if w[0] in "swc" and w[1:].isdigit()]
+    return f"tq {codec} {' '.join(rest)}", split + (" (default)" if "default" in name else "")
+
+
 def plot(results: dict, lengths: list[int], path: Path) -> None:
+    """KL and top-1 agreement against stored bits at the longest length: one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     length = max(lengths)
+    methods: dict[str, list] = {}
     for name, r in results.items():
-        if name == "fp32":
-            continue
-        row = r[length]
-        marker = "s" if name.startswith("affine") else ("^" if "prod" in name else "o")
+        if name != "fp32" and length in r:
+            method, label = _method(name)
+            methods.setdefault(method, []).append(
+                (r[length]["global_bits_per_channel"], r[length], label)
+            )
+    for method, points in methods.items():
+        points.sort(key=lambda p: p[0])
+        marker = "s" if method.startswith("mlx") else ("^" if "prod" in method else "o")
         for ax, key in zip(axes, ("kl", "top1")):
-            ax.scatter(row["global_bits_per_channel"], row[key], marker=marker)
-            ax.annotate(name, (row["global_bits_per_channel"], row[key]), fontsize=6)
+            ax.plot(
+                [p[0] for p in points], [p[1][key] for p in points], marker=marker, label=method
+            )
+            for bits, row, label in points:
+                ax.annotate(
+                    label, (bits, row[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
     axes[0].set_yscale("log")
     axes[0].set_title(f"mean KL vs float32 ({length} tokens)")
     axes[1].set_title(f"top-1 agreement ({length} tokens)")
     for ax in axes:
         ax.set_xlabel("stored bits per channel (global layers, all bytes)")
         ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from gemma4_mlx.cache import KVPolicy
 
 LICENSES = Path("/usr/share/common-licenses")
 # The model runs in float32 here, but Gemma 4 runs in bfloat16 on a Mac: TurboQuant's exact tokens
@@ -76,10 +79,8 @@ def tq_policy(
     window: int = 32,
     center: int = 128,
     codec: str = "mse",
-):
+) -> KVPolicy:
     """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16)."""
-    from gemma4_mlx.cache import KVPolicy
-
     return KVPolicy(
         "turboquant",
         key_bits=key_bits,
@@ -92,14 +93,12 @@ def tq_policy(
     )
 
 
-def default_policy():
+def default_policy() -> KVPolicy:
     """The default TurboQuant policy (``--kv-cache turboquant``), exact tokens as bfloat16."""
-    from gemma4_mlx.cache import KVPolicy
-
     return KVPolicy("turboquant", exact_dtype=EXACT)
 
 
-def setting_name(policy) -> str:
+def setting_name(policy: KVPolicy) -> str:
     """A result name that says what a setting is: ``affine4``, or for TurboQuant the average code
     bits, codec, K/V split, first (s) and recent (w) tokens read exact and the tokens whose mean
     centres the codes (c), e.g. ``tq3 K4/V2 s4 w32 c128 (default)``. ``fp16`` policies are the
@@ -117,10 +116,8 @@ def setting_name(policy) -> str:
     return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
 
 
-def _resolved(policy):
+def _resolved(policy: KVPolicy) -> KVPolicy:
     """The policy with its bits spelled out, so equal settings compare equal."""
-    from dataclasses import replace
-
     key_bits, value_bits = policy.resolved_bits()
     return replace(policy, bits=None, key_bits=key_bits, value_bits=value_bits)
 

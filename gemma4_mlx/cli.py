@@ -41,6 +41,12 @@ KV_CENTER = typer.Option(
     "--kv-center",
     help="TurboQuant: tokens after the sink whose mean centres the codes; 0: off (default: policy).",
 )
+KV_CENTER_BLOCK = typer.Option(
+    None,
+    "--kv-center-block",
+    help="TurboQuant: a new mean (the previous block's) every N tokens; 0: one mean "
+    "(default: policy).",
+)
 KV_CODEC = typer.Option(
     "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
 )
@@ -48,11 +54,24 @@ DTYPE = typer.Option(None, "--dtype", help="Cast weights: float32 | bfloat16 | f
 
 
 def _policy(
-    kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink=None, kv_center=None
+    kv_cache,
+    kv_bits,
+    key_bits,
+    value_bits,
+    kv_window,
+    kv_codec,
+    kv_sink=None,
+    kv_center=None,
+    kv_center_block=None,
 ):
     from gemma4_mlx.cache import KVPolicy
 
-    extra = {"fp_window": kv_window, "sink": kv_sink, "center": kv_center}
+    extra = {
+        "fp_window": kv_window,
+        "sink": kv_sink,
+        "center": kv_center,
+        "center_block": kv_center_block,
+    }
     return KVPolicy(
         kind=kv_cache,
         bits=kv_bits,
@@ -112,6 +131,7 @@ def generate(
     kv_window: int | None = KV_WINDOW,
     kv_sink: int | None = KV_SINK,
     kv_center: int | None = KV_CENTER,
+    kv_center_block: int | None = KV_CENTER_BLOCK,
     kv_codec: str = KV_CODEC,
     prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
@@ -133,7 +153,15 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     policy = _policy(
-        kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink, kv_center
+        kv_cache,
+        kv_bits,
+        key_bits,
+        value_bits,
+        kv_window,
+        kv_codec,
+        kv_sink,
+        kv_center,
+        kv_center_block,
     )
     model_dir, m, tokenizer = _load(model, dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
@@ -209,6 +237,7 @@ def chat(
     kv_window: int | None = KV_WINDOW,
     kv_sink: int | None = KV_SINK,
     kv_center: int | None = KV_CENTER,
+    kv_center_block: int | None = KV_CENTER_BLOCK,
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
@@ -216,7 +245,15 @@ def chat(
     from gemma4_mlx.generate import Chat
 
     policy = _policy(
-        kv_cache, kv_bits, key_bits, value_bits, kv_window, kv_codec, kv_sink, kv_center
+        kv_cache,
+        kv_bits,
+        key_bits,
+        value_bits,
+        kv_window,
+        kv_codec,
+        kv_sink,
+        kv_center,
+        kv_center_block,
     )
     model_dir, m, tokenizer = _load(model, dtype)
     session = Chat(

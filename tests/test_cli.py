@@ -81,13 +81,15 @@ def test_turboquant_kv_options_run(tiny_chat_model, capsys):
             "0",
             "--kv-center",
             "2",
+            "--kv-center-block",
+            "4",
             "--json",
         ],
         capsys,
     )
     assert code == 0, err
     assert json.loads(out)["kv_cache"].startswith("turboquant mse K5/V2")
-    assert "centred on 2 tokens" in json.loads(out)["kv_cache"]
+    assert "centred on 2 tokens, then on each previous block of 4" in json.loads(out)["kv_cache"]
 
 
 def test_prompt_from_stdin_and_prompt_cache_file(tiny_chat_model, capsys, monkeypatch, tmp_path):
@@ -123,6 +125,7 @@ def test_prompt_from_stdin_and_prompt_cache_file(tiny_chat_model, capsys, monkey
         (["-p", "hi", "--temp", "-1"], "--temp must be >= 0"),
         (["-p", "hi", "--kv-cache", "turboquant", "--kv-bits", "9"], "--kv-bits must be in 1..8"),
         (["-p", "hi", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (["-p", "hi", "--kv-center", "64", "--kv-center-block", "32"], "needs 0 < --kv-center"),
         (["-p", "hi", "--max-tokens", "5000"], "exceeds the model's context of 1024 tokens"),
         (["-p", "hi", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
     ],

@@ -17,6 +17,17 @@ def _rand(rng, *shape):
     return mx.array(rng.standard_normal(shape).astype(np.float32))
 
 
+def _token_means(cache, means, T):
+    """(B, H, T, D) float32: the mean token j is centred on, from the cache's block means (only
+    compressed tokens' entries matter; the rest clip to the last mean)."""
+    if means is None:
+        return mx.array(0.0)
+    if not cache.center_block:
+        return means.astype(mx.float32)
+    block = np.clip((np.arange(T) - cache.sink) // cache.center_block, 0, means.shape[2] - 1)
+    return means[:, :, mx.array(block)].astype(mx.float32)
+
+
 def _reference(cache, keys, values, q, scale, window=None):
     """Attention a query at t would get from exact keys j (j < sink or t - fp_window <= j <= t)
     and quantize-dequantized keys elsewhere, from all exact keys/values (B, H, T, D) so far."""
@@ -24,10 +35,9 @@ def _reference(cache, keys, values, q, scale, window=None):
 
     T, L = keys.shape[2], q.shape[2]
     ks, vs = cache.key_spec, cache.value_spec
-    k_mean = mx.array(0.0) if cache.key_mean is None else cache.key_mean
-    v_mean = mx.array(0.0) if cache.value_mean is None else cache.value_mean
-    k_q = decode(encode(keys - k_mean.astype(mx.float32), ks), ks) + k_mean
-    v_q = decode(encode(values - v_mean.astype(mx.float32), vs), vs) + v_mean
+    k_mean, v_mean = (_token_means(cache, mean, T) for mean in (cache.key_mean, cache.value_mean))
+    k_q = decode(encode(keys - k_mean, ks), ks) + k_mean
+    v_q = decode(encode(values - v_mean, vs), vs) + v_mean
     t = np.arange(T - L, T)[:, None]
     j = np.arange(T)[None, :]
     exact = mx.array(
@@ -48,11 +58,13 @@ def _reference(cache, keys, values, q, scale, window=None):
 
 @pytest.mark.parametrize("n_q_heads, n_kv_heads", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize(
-    "fp_window, sink, center", [(0, 0, 0), (5, 0, 0), (0, 2, 0), (3, 4, 0), (0, 0, 6), (3, 2, 10)]
+    "fp_window, sink, center, center_block",
+    [(0, 0, 0, 0), (5, 0, 0, 0), (0, 2, 0, 0), (3, 4, 0, 0), (0, 0, 6, 0), (3, 2, 10, 0),
+     (0, 0, 3, 5), (3, 2, 4, 7)],
 )
 @pytest.mark.parametrize("codec", ["mse", "prod"])
 def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
-    n_q_heads, n_kv_heads, fp_window, sink, center, codec
+    n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec
 ):
     """Prefill chunks and decode steps: every query gets exact keys/values for the sink and its
     own recent window and compressed ones elsewhere, however the tokens arrived."""
@@ -64,6 +76,7 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
         fp_window=fp_window,
         sink=sink,
         center=center,
+        center_block=center_block,
     )
     keys = values = None
     worst = 0.0
@@ -78,20 +91,27 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
         worst = max(worst, float(mx.abs(out - ref).max()))
     assert cache.fp_keys.shape[2] == min(fp_window, cache.offset - min(sink, cache.offset))
     assert (cache.key_mean is None) == (center == 0)
+    if center_block:  # one mean per started block, and the next one once a block is complete
+        assert cache.key_mean.shape[2] == (cache.n_quantized - sink) // center_block + 1
     print(
-        f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}, {codec}: {worst:.2e}"
+        f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}/"
+        f"{center_block}, {codec}: {worst:.2e}"
     )
     assert worst < 1e-5
 
 
-def test_chunked_prefill_equals_token_by_token():
+@pytest.mark.parametrize("center_block", [0, 11])
+def test_chunked_prefill_equals_token_by_token(center_block):
     """The same tokens give the same attention outputs however the prompt is split."""
     rng = np.random.default_rng(5)
     D, T = 32, 40
     k, v, q = _rand(rng, 1, 2, T, D), _rand(rng, 1, 2, T, D), _rand(rng, 1, 4, T, D)
     outs = []
     for chunks in ([T], [1] * T, [7, 13, 1, 19]):
-        cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2, center=9)
+        cache = TurboQuantKVCache(
+            CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2, center=9,
+            center_block=center_block,
+        )
         parts, pos = [], 0
         for n in chunks:
             view, _ = cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
@@ -100,6 +120,70 @@ def test_chunked_prefill_equals_token_by_token():
         outs.append(mx.concatenate(parts, axis=2))
     for other in outs[1:]:
         assert float(mx.abs(other - outs[0]).max()) < 1e-5
+
+
+def test_block_means_are_each_previous_blocks_mean():
+    """Block 0 is centred on the mean of its first ``center`` tokens, block b on the mean of
+    block b - 1's exact tokens: keys whose mean drifts (as layer 17's do over 16K tokens) get
+    their error cut against one fixed mean, at the cost of one mean per block."""
+    rng = np.random.default_rng(11)
+    D, T, sink, center, block = 64, 300, 2, 8, 64
+    drift = mx.linspace(0, 6, T)[None, None, :, None] * _rand(rng, 1, 2, 1, D)
+    k, v = _rand(rng, 1, 2, T, D) + drift, _rand(rng, 1, 2, T, D) - drift
+    q = _rand(rng, 1, 4, 1, D)
+    exact = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5)
+    errors = {}
+    for b in (0, block):
+        cache = TurboQuantKVCache(
+            CodecSpec(D, 3), CodecSpec(D, 3), sink=sink, center=center, center_block=b
+        )
+        for start in range(0, T, 37):  # chunks that straddle block boundaries
+            view, _ = cache.update_and_fetch(k[:, :, start : start + 37], v[:, :, start : start + 37])
+        errors[b] = float(mx.abs(view.attend(q, scale=D**-0.5) - exact).max())
+    n_blocks = (T - sink) // block + 1  # every started block, the next one once b - 1 is complete
+    assert cache.key_mean.shape == (1, 2, n_blocks, D)
+    for name, x in (("key_mean", k), ("value_mean", v)):
+        means = getattr(cache, name)
+        np.testing.assert_allclose(means[:, :, 0], x[:, :, sink : sink + center].mean(2), atol=1e-5)
+        for i in range(1, n_blocks):
+            lo = sink + (i - 1) * block
+            np.testing.assert_allclose(means[:, :, i], x[:, :, lo : lo + block].mean(2), atol=1e-5)
+    print(f"max |error| one mean {errors[0]:.4f}, a mean per {block} tokens {errors[block]:.4f}")
+    assert errors[block] < 0.7 * errors[0]
+
+
+def test_block_means_survive_save_load_and_trim(tmp_path):
+    """A cache saved mid-block continues as if never saved; a trim back into the compressed part
+    drops the means of blocks no longer reached and rebuilds the running sum from the codes."""
+    rng = np.random.default_rng(13)
+    D = 64
+    make = lambda: TurboQuantKVCache(  # noqa: E731
+        CodecSpec(D, 4), CodecSpec(D, 3), fp_window=3, sink=2, center=4, center_block=16
+    )
+    k, v = _rand(rng, 1, 2, 80, D) + 1, _rand(rng, 1, 2, 80, D)
+    cache = make()
+    cache.update_and_fetch(k[:, :, :45], v[:, :, :45])
+    path = str(tmp_path / "cache.safetensors")
+    save_prompt_cache(path, [cache])
+    loaded = load_prompt_cache(path)[0]
+    assert loaded.center_block == 16 and mx.array_equal(loaded.key_sum, cache.key_sum).item()
+    q = _rand(rng, 1, 2, 1, D)
+    outs = []
+    for c in (cache, loaded):
+        view, _ = c.update_and_fetch(k[:, :, 45:70], v[:, :, 45:70])
+        outs.append(np.array(view.attend(q, scale=0.1)))
+    assert np.array_equal(*outs)
+    assert mx.array_equal(cache.key_mean, loaded.key_mean).item()
+    # trim to 40 tokens: 38 compressed are 2 full blocks (means for blocks 0..2) + 6 tokens
+    before = cache.key_mean
+    cache.trim(30)
+    assert cache.n_quantized == 40 and cache.key_mean.shape[2] == 3
+    assert mx.array_equal(cache.key_mean, before[:, :, :3]).item()
+    exact_sum = k[:, :, 34:40].sum(2, keepdims=True)  # block 2 = positions [34, 50)
+    assert float(mx.abs(cache.key_sum - exact_sum).max()) < 0.2 * float(mx.abs(exact_sum).max())
+    cache.update_and_fetch(k[:, :, 40:80], v[:, :, 40:80])  # the next block's mean is built again
+    assert cache.key_mean.shape[2] == (cache.n_quantized - 2) // 16 + 1
+    np.testing.assert_allclose(cache.key_mean[:, :, 3], k[:, :, 34:50].mean(2), atol=0.05)
 
 
 def test_centring_cuts_the_error_of_keys_that_share_a_mean():
@@ -234,6 +318,10 @@ def test_policy_errors_are_clear():
         KVPolicy("turboquant", fp_window=-1)
     with pytest.raises(UserError, match="--kv-center must be >= 0"):
         KVPolicy("turboquant", center=-1)
+    with pytest.raises(UserError, match="--kv-center-block must be >= 0"):
+        KVPolicy("turboquant", center_block=-1)
+    with pytest.raises(UserError, match="needs 0 < --kv-center <= it"):
+        KVPolicy("turboquant", center=0, center_block=256)
     assert KVPolicy("turboquant").resolved_bits() == (4.5, 2)  # the default
     assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
     assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

@@ -60,10 +60,23 @@ def attention(
     )
     q_rot = rotate(q, kspec)
     # compressed tokens were centred before encoding: their means, in the rotated domain
-    k_mean, v_mean = (
-        0.0 if mean is None else rotate(mean.astype(mx.float32), spec)  # (B, n_kv, 1, D)
+    k_means, v_means = (
+        None if mean is None else rotate(mean.astype(mx.float32), spec)  # (B, n_kv, blocks, D)
         for mean, spec in ((cache.key_mean, kspec), (cache.value_mean, vspec))
     )
+
+    def block_means(means: mx.array | None, start: int, stop: int) -> mx.array | float:
+        """The mean each compressed token in positions [start, stop) was centred on."""
+        if means is None:
+            return 0.0
+        if means.shape[2] == 1:
+            return means
+        first, last = cache.block_of(start), cache.block_of(stop - 1)
+        if first == last:
+            return means[:, :, first : first + 1]
+        index = (mx.arange(start, stop) - n_sink) // cache.center_block
+        return means[:, :, index]
+
     q_pos = mx.arange(offset - L, offset)
     # query t reads key j exactly for j >= boundary(t) (its recent window, where this call holds
     # exact copies) and compressed below it; the sink (j < n_sink) is always exact
@@ -109,11 +122,11 @@ def attention(
     while start < end:
         stop = min(start + step, end)
         k_enc, v_enc = cache.compressed_block(start - n_sink, stop - n_sink)
-        k_rot = decode_rotated(k_enc, kspec) + k_mean  # (B, n_kv, T, D)
+        k_rot = decode_rotated(k_enc, kspec) + block_means(k_means, start, stop)  # (B,n_kv,T,D)
         scores = q_rot @ k_rot.swapaxes(-1, -2)
         k_pos = mx.arange(start, stop)
         p = online(scores, block_mask(k_pos, k_pos[None, :] < boundary))
-        acc_rot = acc_rot + p @ (decode_rotated(v_enc, vspec) + v_mean)
+        acc_rot = acc_rot + p @ (decode_rotated(v_enc, vspec) + block_means(v_means, start, stop))
         # Evaluate block by block: a lazy graph over all blocks could hold every block's
         # decoded keys/values at once, which is exactly the transient this kernel avoids.
         mx.eval(m, denom, acc_rot, acc_fp)

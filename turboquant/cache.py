@@ -2,10 +2,14 @@
 
 Tokens are quantized as they arrive, except the ``fp_window`` most recent ones, which stay in
 full precision (on real Gemma weights a window of exact recent tokens is worth more than a bit of
-codebook). Keys and values are centred before encoding: the per-head mean of the ``center``
-tokens after the sink is subtracted and kept in full precision, so the codec spends its bits on
-how tokens differ, not on what they share (on Gemma 3 270M's global layers the mean holds 0-58%
-of the key energy over 16K tokens). Until those tokens have arrived nothing is compressed.
+codebook). Keys and values are centred before encoding: a per-head mean is subtracted and kept
+in full precision, so the codec spends its bits on how tokens differ, not on what they share.
+The first block of ``center_block`` tokens after the sink is centred on the mean of its first
+``center`` tokens (until those have arrived nothing is compressed); every later block on the mean
+of the block before it, accumulated from the exact tokens as they are compressed, so the mean
+follows keys that drift over a long context (on Gemma 3 270M's global layers a fixed mean removes
+0-58% of the key energy over 16K tokens, a per-1024-token mean 23-68%). ``center_block=0``: one
+mean for everything.
 Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K and at
 256K tokens. ``update_and_fetch`` returns a lightweight ``CompressedView`` (for keys and
 values alike) that attention understands: nothing is dequantized as a whole, ever.
@@ -26,7 +30,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
-from turboquant.codec import CodecSpec, Encoded, encode, slice_encoded
+from turboquant.codec import CodecSpec, Encoded, decode, encode, slice_encoded
 
 
 class CompressedView:
@@ -98,6 +102,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
     - anything older: compressed;
     - t < ``sink + center``: everything exact (the mean the codes refer to is not known yet).
 
+    The compressed token at position j was centred on ``key_mean[:, :, block(j)]`` with
+    ``block(j) = (j - sink) // center_block`` (0 when ``center_block`` is 0).
+
     Between calls the cache stores the ``sink`` first and the ``fp_window`` last tokens exact and
     everything in between compressed; during an update the tokens leaving the window are
     compressed while the returned view still holds their exact copies for this call's queries.
@@ -115,21 +122,32 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         sink: int = 0,
         exact_dtype: mx.Dtype | None = None,
         center: int = 0,
+        center_block: int = 0,
     ):
-        if fp_window < 0 or sink < 0 or center < 0:
+        if fp_window < 0 or sink < 0 or center < 0 or center_block < 0:
             raise ValueError(
-                f"fp_window, sink and center must be >= 0, got {fp_window}, {sink}, {center}"
+                "fp_window, sink, center and center_block must be >= 0, got "
+                f"{fp_window}, {sink}, {center}, {center_block}"
             )
+        if center_block and not center:
+            raise ValueError("center_block needs center > 0 (the first block's mean)")
+        if center_block and center > center_block:
+            raise ValueError(f"center ({center}) must be <= center_block ({center_block})")
         self.key_spec = key_spec
         self.value_spec = value_spec
         self.fp_window = fp_window
         self.sink = sink
         self.exact_dtype = exact_dtype  # storage of the exact tokens (None: as they come)
         self.center = center  # tokens after the sink whose mean centres the codes (0: none)
-        # (B, H, 1, D) in the exact tokens' dtype, subtracted before encoding and added back when
-        # attending; fixed once the sink + center first tokens are in (every code refers to it)
+        self.center_block = center_block  # tokens per mean (0: one mean for all)
+        # (B, H, blocks, D) in the exact tokens' dtype: one mean per block that has compressed
+        # tokens (and the next one, once its predecessor is complete), subtracted before encoding
+        # and added back when attending
         self.key_mean: mx.array | None = None
         self.value_mean: mx.array | None = None
+        # float32 (B, H, 1, D): sum of the exact tokens of the current, incomplete block
+        self.key_sum: mx.array | None = None
+        self.value_sum: mx.array | None = None
         self.offset = 0
         # positions [0, n_sink) exact in sink_*, [n_sink, n_quantized) compressed (storage index
         # = position - n_sink), [fp_start, offset) exact in fp_*; fp_start <= n_quantized between
@@ -198,6 +216,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
                 mx.mean(a[:, :, : self.center].astype(mx.float32), 2, True).astype(a.dtype)
                 for a in (self.fp_keys, self.fp_values)
             )
+            if self.center_block:
+                self.key_sum = mx.zeros(self.key_mean.shape, mx.float32)
+                self.value_sum = mx.zeros(self.value_mean.shape, mx.float32)
         # compress what leaves the window for the next call's queries, drop its exact copy
         keep_from = max(self.offset - self.fp_window, self.fp_start)
         if keep_from > self.n_quantized:
@@ -210,11 +231,50 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             self.fp_start = keep_from
         return view, view
 
+    def block_of(self, position: int) -> int:
+        """Index of the mean that centres the compressed token at ``position``."""
+        return (position - self.n_sink) // self.center_block if self.center_block else 0
+
+    def _centred(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Subtract each token's block mean (keys/values at positions [n_quantized, +n)), and
+        complete block means as their last token passes (the next block's mean)."""
+        if self.key_mean is None:
+            return keys, values
+        if not self.center_block:
+            return (
+                keys.astype(mx.float32) - self.key_mean,
+                values.astype(mx.float32) - self.value_mean,
+            )
+        out_k, out_v = [], []
+        pos, lo, n = self.n_quantized, 0, keys.shape[2]
+        while lo < n:
+            b = self.block_of(pos)
+            block_end = self.n_sink + (b + 1) * self.center_block
+            hi = min(n, lo + block_end - pos)
+            k, v = keys[:, :, lo:hi].astype(mx.float32), values[:, :, lo:hi].astype(mx.float32)
+            out_k.append(k - self.key_mean[:, :, b : b + 1])
+            out_v.append(v - self.value_mean[:, :, b : b + 1])
+            self.key_sum = self.key_sum + k.sum(2, keepdims=True)
+            self.value_sum = self.value_sum + v.sum(2, keepdims=True)
+            pos += hi - lo
+            lo = hi
+            if pos == block_end:  # block b complete: its mean centres block b + 1
+                dtype = self.key_mean.dtype
+                self.key_mean = mx.concatenate(
+                    [self.key_mean, (self.key_sum / self.center_block).astype(dtype)], axis=2
+                )
+                self.value_mean = mx.concatenate(
+                    [self.value_mean, (self.value_sum / self.center_block).astype(dtype)], axis=2
+                )
+                self.key_sum = mx.zeros_like(self.key_sum)
+                self.value_sum = mx.zeros_like(self.value_sum)
+        if len(out_k) == 1:
+            return out_k[0], out_v[0]
+        return mx.concatenate(out_k, axis=2), mx.concatenate(out_v, axis=2)
+
     def _quantize(self, keys: mx.array, values: mx.array) -> None:
         n = keys.shape[2]
-        if self.key_mean is not None:
-            keys = keys.astype(mx.float32) - self.key_mean
-            values = values.astype(mx.float32) - self.value_mean
+        keys, values = self._centred(keys, values)
         k = encode(keys, self.key_spec, check_finite=False)
         v = encode(values, self.value_spec, check_finite=False)
         first = self.n_quantized - self.n_sink  # storage index
@@ -260,9 +320,31 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             self.sink_keys = self.sink_keys[:, :, :new]
             self.sink_values = self.sink_values[:, :, :new]
         # compressed slots past n_quantized are dead storage, overwritten on the next update
-        self.n_quantized = min(self.n_quantized, max(new, self.n_sink))
+        n_quantized = min(self.n_quantized, max(new, self.n_sink))
+        if n_quantized < self.n_quantized and self.center_block and self.key_mean is not None:
+            self._rewind_means(n_quantized)
+        self.n_quantized = n_quantized
         self.offset = new
         return n
+
+    def _rewind_means(self, n_quantized: int) -> None:
+        """Back to the block means of ``n_quantized`` compressed tokens. The exact tokens of the
+        current block are gone, so its running sum is rebuilt from their decoded codes."""
+        b = self.block_of(n_quantized)
+        self.key_mean = self.key_mean[:, :, : b + 1]
+        self.value_mean = self.value_mean[:, :, : b + 1]
+        start = self.n_sink + b * self.center_block
+        if n_quantized == start:
+            self.key_sum = mx.zeros_like(self.key_sum)
+            self.value_sum = mx.zeros_like(self.value_sum)
+            return
+        k_enc, v_enc = self.compressed_block(start - self.n_sink, n_quantized - self.n_sink)
+        for name, enc, spec, mean in (
+            ("key_sum", k_enc, self.key_spec, self.key_mean),
+            ("value_sum", v_enc, self.value_spec, self.value_mean),
+        ):
+            tokens = decode(enc, spec) + mean[:, :, b : b + 1].astype(mx.float32)
+            setattr(self, name, tokens.sum(2, keepdims=True))
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
         return mlx_cache.create_attention_mask(
@@ -277,7 +359,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             if enc is not None:
                 total += enc.nbytes
         exact = (self.fp_keys, self.fp_values, self.sink_keys, self.sink_values)
-        for a in (*exact, self.key_mean, self.value_mean):
+        for a in (*exact, self.key_mean, self.value_mean, self.key_sum, self.value_sum):
             if a is not None:
                 total += a.nbytes
         return total
@@ -305,6 +387,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
                 "fp_window": self.fp_window,
                 "sink": self.sink,
                 "center": self.center,
+                "center_block": self.center_block,
                 "fp_start": self.fp_start,
                 "exact_dtype": ""
                 if self.exact_dtype is None
@@ -320,6 +403,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             "sink_values": self.sink_values,
             "key_mean": self.key_mean,
             "value_mean": self.value_mean,
+            "key_sum": self.key_sum,
+            "value_sum": self.value_sum,
         }
 
     @state.setter
@@ -332,6 +417,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.n_quantized = int(meta["n_quantized"])
         self.sink = int(meta.get("sink", 0))
         self.center = int(meta.get("center", 0))
+        self.center_block = int(meta.get("center_block", 0))
         dtype = meta.get("exact_dtype", "")
         self.exact_dtype = getattr(mx, dtype) if dtype else None
 
@@ -344,6 +430,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.fp_keys, self.fp_values = v.get("fp_keys"), v.get("fp_values")
         self.sink_keys, self.sink_values = v.get("sink_keys"), v.get("sink_values")
         self.key_mean, self.value_mean = v.get("key_mean"), v.get("value_mean")
+        self.key_sum, self.value_sum = v.get("key_sum"), v.get("value_sum")
         fp = 0 if self.fp_keys is None else self.fp_keys.shape[2]
         self.fp_start = int(meta.get("fp_start", self.offset - fp))
 

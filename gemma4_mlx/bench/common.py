@@ -79,6 +79,7 @@ def tq_policy(
     window: int = 32,
     center: int = 128,
     codec: str = "mse",
+    block: int = 0,
 ) -> KVPolicy:
     """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16)."""
     return KVPolicy(
@@ -88,6 +89,7 @@ def tq_policy(
         sink=sink,
         fp_window=window,
         center=center,
+        center_block=block,
         codec=codec,
         exact_dtype=EXACT,
     )
@@ -112,6 +114,7 @@ def setting_name(policy: KVPolicy) -> str:
     name = (
         f"tq{(key_bits + value_bits) / 2:g}{codec} K{key_bits:g}/V{value_bits:g} "
         f"s{policy.sink} w{policy.fp_window} c{policy.center}"
+        + (f"/{policy.center_block}" if policy.center and policy.center_block else "")
     )
     return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
 

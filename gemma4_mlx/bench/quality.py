@@ -158,7 +158,7 @@ def _method(name: str) -> tuple[str, str]:
     words = name.replace(" (default)", "").split()
     codec = "prod" if "prod" in words else "mse"
     split = next(w for w in words if w.startswith("K"))
-    rest = [w for w in words if w[0] in "swc" and w[1:].isdigit()]
+    rest = [w for w in words if w[0] in "swc" and w[1:].replace("/", "").isdigit()]
     return f"tq {codec} {' '.join(rest)}", split + (" (default)" if "default" in name else "")
 
 

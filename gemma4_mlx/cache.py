@@ -11,7 +11,8 @@ context, get what the policy says:
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
   Gemma: the default average of 3.25 code bits is K4.5/V2), the first ``sink`` tokens and each
   query's ``fp_window`` most recent tokens read exact, keys and values centred on the mean of
-  the ``center`` tokens after the sink, codec ``mse`` (with norm correction) or ``prod`` (MSE at
+  the ``center`` tokens after the sink (and, with ``center_block``, each later block of that
+  many tokens on the mean of the block before it), codec ``mse`` (with norm correction) or ``prod`` (MSE at
   b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py
   chose on real weights (README: the rule and the numbers).
 """

@@ -54,7 +54,7 @@ class KVPolicy:
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
-    center_block: int = 0  # turboquant: a new mean every this many tokens (0: one mean)
+    center_block: int = 512  # turboquant: a new mean every this many tokens (0: one mean)
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
@@ -74,10 +74,10 @@ class KVPolicy:
             raise UserError(f"--kv-center must be >= 0, got {self.center}")
         if self.center_block < 0:
             raise UserError(f"--kv-center-block must be >= 0, got {self.center_block}")
-        if self.center_block and not 0 < self.center <= self.center_block:
+        if self.center and self.center_block and self.center > self.center_block:
             raise UserError(
-                f"--kv-center-block ({self.center_block}) needs 0 < --kv-center <= it, "
-                f"got {self.center}"
+                f"--kv-center ({self.center}) must be <= --kv-center-block "
+                f"({self.center_block}; 0 for one mean)"
             )
         if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
             raise UserError(
@@ -163,7 +163,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         sink=policy.sink,
         exact_dtype=exact_dtype,
         center=policy.center,
-        center_block=policy.center_block,
+        center_block=policy.center_block if policy.center else 0,
     )
 
 

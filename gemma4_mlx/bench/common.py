@@ -79,9 +79,10 @@ def tq_policy(
     window: int = 32,
     center: int = 128,
     codec: str = "mse",
-    block: int = 0,
+    block: int | None = None,
 ) -> KVPolicy:
-    """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16)."""
+    """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16); ``block``
+    None: the default's centring block."""
     return KVPolicy(
         "turboquant",
         key_bits=key_bits,
@@ -89,7 +90,7 @@ def tq_policy(
         sink=sink,
         fp_window=window,
         center=center,
-        center_block=block,
+        center_block=KVPolicy.center_block if block is None else block,
         codec=codec,
         exact_dtype=EXACT,
     )

@@ -51,7 +51,13 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
     if quick:
         return named(affine4, default_policy(), tq_policy(4, 2, codec="prod"))
     if quick is None:  # the long-context run: the default against its baselines
-        return named(affine4, default_policy(), tq_policy(4, 2), tq_policy(5, 2, window=128))
+        return named(
+            affine4,
+            default_policy(),
+            tq_policy(4.5, 2, block=0),  # one mean for the whole context
+            tq_policy(4, 2),
+            tq_policy(5, 2, window=128),
+        )
     return named(
         KVPolicy("affine", bits=8),
         affine4,
@@ -63,6 +69,7 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
         default_policy(),
         tq_policy(4, 2),
         tq_policy(4, 2, center=0),
+        tq_policy(4, 2, block=0),
         tq_policy(4, 2, window=16),
         tq_policy(4, 2, codec="prod"),
         tq_policy(4, 1.5),

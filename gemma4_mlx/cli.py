@@ -53,31 +53,23 @@ KV_CODEC = typer.Option(
 DTYPE = typer.Option(None, "--dtype", help="Cast weights: float32 | bfloat16 | float16.")
 
 
-def _policy(
-    kv_cache,
-    kv_bits,
-    key_bits,
-    value_bits,
-    kv_window,
-    kv_codec,
-    kv_sink=None,
-    kv_center=None,
-    kv_center_block=None,
-):
+def _policy(options: dict):
+    """The KV policy that a command's ``--kv-*``/``--key-bits``/``--value-bits`` options say;
+    ``options`` is the command's ``locals()``. Options left unset take the policy's defaults."""
     from gemma4_mlx.cache import KVPolicy
 
     extra = {
-        "fp_window": kv_window,
-        "sink": kv_sink,
-        "center": kv_center,
-        "center_block": kv_center_block,
+        "fp_window": options["kv_window"],
+        "sink": options["kv_sink"],
+        "center": options["kv_center"],
+        "center_block": options["kv_center_block"],
     }
     return KVPolicy(
-        kind=kv_cache,
-        bits=kv_bits,
-        key_bits=key_bits,
-        value_bits=value_bits,
-        codec=kv_codec,
+        kind=options["kv_cache"],
+        bits=options["kv_bits"],
+        key_bits=options["key_bits"],
+        value_bits=options["value_bits"],
+        codec=options["kv_codec"],
         **{k: v for k, v in extra.items() if v is not None},
     )
 
@@ -152,17 +144,7 @@ def generate(
         raise UserError("the prompt is empty")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    policy = _policy(
-        kv_cache,
-        kv_bits,
-        key_bits,
-        value_bits,
-        kv_window,
-        kv_codec,
-        kv_sink,
-        kv_center,
-        kv_center_block,
-    )
+    policy = _policy(locals())
     model_dir, m, tokenizer = _load(model, dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
@@ -244,17 +226,7 @@ def chat(
     """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit."""
     from gemma4_mlx.generate import Chat
 
-    policy = _policy(
-        kv_cache,
-        kv_bits,
-        key_bits,
-        value_bits,
-        kv_window,
-        kv_codec,
-        kv_sink,
-        kv_center,
-        kv_center_block,
-    )
+    policy = _policy(locals())
     model_dir, m, tokenizer = _load(model, dtype)
     session = Chat(
         m,

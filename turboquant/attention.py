@@ -65,17 +65,16 @@ def attention(
         for mean, spec in ((cache.key_mean, kspec), (cache.value_mean, vspec))
     )
 
-    def block_means(means: mx.array | None, start: int, stop: int) -> mx.array | float:
-        """The mean each compressed token in positions [start, stop) was centred on."""
-        if means is None:
-            return 0.0
-        if means.shape[2] == 1:
-            return means
+    def mean_weights(start: int, stop: int) -> tuple[mx.array, mx.array, mx.array]:
+        """How compressed tokens [start, stop) read their centring means: (token -> mean one-hot
+        (T, blocks), the keys' and values' rotated means of those blocks (B, n_kv, blocks, D))."""
         first, last = cache.block_of(start), cache.block_of(stop - 1)
         if first == last:
-            return means[:, :, first : first + 1]
-        index = (mx.arange(start, stop) - n_sink) // cache.center_block
-        return means[:, :, index]
+            onehot = mx.ones((stop - start, 1), dtype=mx.float32)
+        else:
+            index = (mx.arange(start, stop) - n_sink) // cache.center_block - first
+            onehot = (index[:, None] == mx.arange(last + 1 - first)[None, :]).astype(mx.float32)
+        return onehot, k_means[:, :, first : last + 1], v_means[:, :, first : last + 1]
 
     q_pos = mx.arange(offset - L, offset)
     # query t reads key j exactly for j >= boundary(t) (its recent window, where this call holds
@@ -117,16 +116,32 @@ def attention(
     # reads a compressed key at or beyond its boundary
     end = min(cache.n_quantized, max(view.fp_start, offset - 1 - cache.fp_window))
     first_visible = n_sink if window is None else max(n_sink, offset - L - window + 1)
-    step = _block_tokens(groups * L * B * n_kv, B * n_kv, D)
+    rows = groups * L  # query rows per kv head
+    step = _block_tokens(rows * B * n_kv, B * n_kv, D)
     start = n_sink + (first_visible - n_sink) // step * step
     while start < end:
         stop = min(start + step, end)
         k_enc, v_enc = cache.compressed_block(start - n_sink, stop - n_sink)
-        k_rot = decode_rotated(k_enc, kspec) + block_means(k_means, start, stop)  # (B,n_kv,T,D)
-        scores = q_rot @ k_rot.swapaxes(-1, -2)
+        k_dec, v_dec = decode_rotated(k_enc, kspec), decode_rotated(v_enc, vspec)  # (B,n_kv,T,D)
+        means = None if k_means is None else mean_weights(start, stop)
+        # The means (a few per block) go in through the scores and the softmax weights when
+        # there are few query rows (decode: no (T, D) array of per-token means); with many
+        # (prefill) adding them to the decoded keys and values costs less.
+        through_scores = means is not None and rows * means[0].shape[1] < D
+        if means is not None:
+            onehot, k_mean, v_mean = means
+        if means is not None and not through_scores:
+            if onehot.shape[1] > 1:
+                k_mean, v_mean = onehot @ k_mean, onehot @ v_mean
+            k_dec, v_dec = k_dec + k_mean, v_dec + v_mean
+        scores = q_rot @ k_dec.swapaxes(-1, -2)  # (B, n_kv, rows, T)
+        if through_scores:
+            scores = scores + (q_rot @ k_mean.swapaxes(-1, -2)) @ onehot.T
         k_pos = mx.arange(start, stop)
         p = online(scores, block_mask(k_pos, k_pos[None, :] < boundary))
-        acc_rot = acc_rot + p @ (decode_rotated(v_enc, vspec) + block_means(v_means, start, stop))
+        acc_rot = acc_rot + p @ v_dec
+        if through_scores:
+            acc_rot = acc_rot + (p @ onehot) @ v_mean
         # Evaluate block by block: a lazy graph over all blocks could hold every block's
         # decoded keys/values at once, which is exactly the transient this kernel avoids.
         mx.eval(m, denom, acc_rot, acc_fp)

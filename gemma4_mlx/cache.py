@@ -74,7 +74,9 @@ class KVPolicy:
             raise UserError(f"--kv-center must be >= 0, got {self.center}")
         if self.center_block < 0:
             raise UserError(f"--kv-center-block must be >= 0, got {self.center_block}")
-        if self.center and self.center_block and self.center > self.center_block:
+        if not self.center:  # centring off: no blocks either
+            object.__setattr__(self, "center_block", 0)
+        if self.center_block and self.center > self.center_block:
             raise UserError(
                 f"--kv-center ({self.center}) must be <= --kv-center-block "
                 f"({self.center_block}; 0 for one mean)"
@@ -117,7 +119,7 @@ class KVPolicy:
             return f"affine {self.resolved_bits()[0]:g}-bit (group {self.group_size})"
         k, v = self.resolved_bits()
         centre = f"centred on {self.center} tokens" if self.center else "uncentred"
-        if self.center and self.center_block:
+        if self.center_block:
             centre += f", then on each previous block of {self.center_block}"
         return (
             f"turboquant {self.codec} K{k:g}/V{v:g}, {self.sink} first and "
@@ -163,7 +165,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         sink=policy.sink,
         exact_dtype=exact_dtype,
         center=policy.center,
-        center_block=policy.center_block if policy.center else 0,
+        center_block=policy.center_block,
     )
 
 

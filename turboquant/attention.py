@@ -123,17 +123,17 @@ def attention(
         stop = min(start + step, end)
         k_enc, v_enc = cache.compressed_block(start - n_sink, stop - n_sink)
         k_dec, v_dec = decode_rotated(k_enc, kspec), decode_rotated(v_enc, vspec)  # (B,n_kv,T,D)
-        means = None if k_means is None else mean_weights(start, stop)
         # The means (a few per block) go in through the scores and the softmax weights when
         # there are few query rows (decode: no (T, D) array of per-token means); with many
         # (prefill) adding them to the decoded keys and values costs less.
-        through_scores = means is not None and rows * means[0].shape[1] < D
-        if means is not None:
-            onehot, k_mean, v_mean = means
-        if means is not None and not through_scores:
-            if onehot.shape[1] > 1:
-                k_mean, v_mean = onehot @ k_mean, onehot @ v_mean
-            k_dec, v_dec = k_dec + k_mean, v_dec + v_mean
+        through_scores = False
+        if k_means is not None:
+            onehot, k_mean, v_mean = mean_weights(start, stop)
+            through_scores = rows * onehot.shape[1] < D
+            if not through_scores:
+                if onehot.shape[1] > 1:
+                    k_mean, v_mean = onehot @ k_mean, onehot @ v_mean
+                k_dec, v_dec = k_dec + k_mean, v_dec + v_mean
         scores = q_rot @ k_dec.swapaxes(-1, -2)  # (B, n_kv, rows, T)
         if through_scores:
             scores = scores + (q_rot @ k_mean.swapaxes(-1, -2)) @ onehot.T

@@ -115,7 +115,7 @@ def setting_name(policy: KVPolicy) -> str:
     name = (
         f"tq{(key_bits + value_bits) / 2:g}{codec} K{key_bits:g}/V{value_bits:g} "
         f"s{policy.sink} w{policy.fp_window} c{policy.center}"
-        + (f"/{policy.center_block}" if policy.center and policy.center_block else "")
+        + (f"/{policy.center_block}" if policy.center_block else "")
     )
     return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
 

@@ -86,7 +86,7 @@ def make_global_cache(policy: KVPolicy | None, head_dim: int):
         fp_window=policy.fp_window,
         sink=policy.sink,
         center=policy.center,
-        center_block=policy.center_block if policy.center else 0,
+        center_block=policy.center_block,
         exact_dtype=mx.bfloat16,  # the synthetic keys are float32; a bf16 model stores bf16
     )
 

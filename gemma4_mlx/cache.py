@@ -55,6 +55,7 @@ class KVPolicy:
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
     center_block: int = 512  # turboquant: a new mean every this many tokens (0: one mean)
+    key_tiers: int = 0  # turboquant: key channels in this many tiers by variance (0: off)
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
@@ -80,6 +81,13 @@ class KVPolicy:
             raise UserError(
                 f"--kv-center ({self.center}) must be <= --kv-center-block "
                 f"({self.center_block}; 0 for one mean)"
+            )
+        if self.key_tiers and not 2 <= self.key_tiers <= 5:
+            raise UserError(f"--kv-key-tiers must be 0 (off) or 2..5, got {self.key_tiers}")
+        if self.key_tiers and (not self.center or self.codec != "mse"):
+            raise UserError(
+                "--kv-key-tiers needs centring (--kv-center > 0: its tokens order the channels) "
+                "and the mse codec"
             )
         if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
             raise UserError(
@@ -121,8 +129,9 @@ class KVPolicy:
         centre = f"centred on {self.center} tokens" if self.center else "uncentred"
         if self.center_block:
             centre += f", then on each previous block of {self.center_block}"
+        tiers = f", keys in {self.key_tiers} channel tiers" if self.key_tiers else ""
         return (
-            f"turboquant {self.codec} K{k:g}/V{v:g}, {self.sink} first and "
+            f"turboquant {self.codec} K{k:g}/V{v:g}{tiers}, {self.sink} first and "
             f"{self.fp_window} recent tokens exact, {centre}"
         )
 
@@ -158,6 +167,11 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
     import mlx.core as mx
 
     exact_dtype = getattr(mx, policy.exact_dtype) if policy.exact_dtype else None
+    if policy.key_tiers and spec.head_dim % (1 << policy.key_tiers):
+        raise UserError(
+            f"--kv-key-tiers {policy.key_tiers} needs a head dim divisible by "
+            f"{1 << policy.key_tiers}, got {spec.head_dim}"
+        )
     return TurboQuantKVCache(
         key_spec,
         value_spec,
@@ -166,6 +180,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         exact_dtype=exact_dtype,
         center=policy.center,
         center_block=policy.center_block,
+        key_tiers=policy.key_tiers,
     )
 
 

@@ -47,6 +47,12 @@ KV_CENTER_BLOCK = typer.Option(
     help="TurboQuant: a new mean (the previous block's) every N tokens; 0: one mean "
     "(default: policy).",
 )
+KV_KEY_TIERS = typer.Option(
+    None,
+    "--kv-key-tiers",
+    help="TurboQuant: key channels in N tiers by their variance over the centring tokens, "
+    "strong ones with more bits; 0: one rotation over all (default: policy).",
+)
 KV_CODEC = typer.Option(
     "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
 )
@@ -63,6 +69,7 @@ def _policy(options: dict):
         "sink": options["kv_sink"],
         "center": options["kv_center"],
         "center_block": options["kv_center_block"],
+        "key_tiers": options["kv_key_tiers"],
     }
     return KVPolicy(
         kind=options["kv_cache"],
@@ -124,6 +131,7 @@ def generate(
     kv_sink: int | None = KV_SINK,
     kv_center: int | None = KV_CENTER,
     kv_center_block: int | None = KV_CENTER_BLOCK,
+    kv_key_tiers: int | None = KV_KEY_TIERS,
     kv_codec: str = KV_CODEC,
     prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
@@ -220,6 +228,7 @@ def chat(
     kv_sink: int | None = KV_SINK,
     kv_center: int | None = KV_CENTER,
     kv_center_block: int | None = KV_CENTER_BLOCK,
+    kv_key_tiers: int | None = KV_KEY_TIERS,
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):

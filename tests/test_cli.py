@@ -83,12 +83,14 @@ def test_turboquant_kv_options_run(tiny_chat_model, capsys):
             "2",
             "--kv-center-block",
             "4",
+            "--kv-key-tiers",
+            "2",
             "--json",
         ],
         capsys,
     )
     assert code == 0, err
-    assert json.loads(out)["kv_cache"].startswith("turboquant mse K5/V2")
+    assert json.loads(out)["kv_cache"].startswith("turboquant mse K5/V2, keys in 2 channel tiers")
     assert "centred on 2 tokens, then on each previous block of 4" in json.loads(out)["kv_cache"]
 
 
@@ -126,6 +128,7 @@ def test_prompt_from_stdin_and_prompt_cache_file(tiny_chat_model, capsys, monkey
         (["-p", "hi", "--kv-cache", "turboquant", "--kv-bits", "9"], "--kv-bits must be in 1..8"),
         (["-p", "hi", "--max-tokens", "0"], "--max-tokens must be >= 1"),
         (["-p", "hi", "--kv-center", "64", "--kv-center-block", "32"], "must be <= --kv-center-block"),
+        (["-p", "hi", "--kv-key-tiers", "7"], "--kv-key-tiers must be 0 (off) or 2..5"),
         (["-p", "hi", "--max-tokens", "5000"], "exceeds the model's context of 1024 tokens"),
         (["-p", "hi", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
     ],

@@ -9,7 +9,12 @@ from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.errors import UserError
 from gemma4_mlx.loading import load_model
 from turboquant import attention as tq_attention
-from turboquant.cache import TurboQuantKVCache, load_prompt_cache, save_prompt_cache
+from turboquant.cache import (
+    TurboQuantKVCache,
+    load_prompt_cache,
+    plan_tiers,
+    save_prompt_cache,
+)
 from turboquant.codec import CodecSpec, decode
 
 
@@ -36,7 +41,16 @@ def _reference(cache, keys, values, q, scale, window=None):
     T, L = keys.shape[2], q.shape[2]
     ks, vs = cache.key_spec, cache.value_spec
     k_mean, v_mean = (_token_means(cache, mean, T) for mean in (cache.key_mean, cache.value_mean))
-    k_q = decode(encode(keys - k_mean, ks), ks) + k_mean
+    k_q = keys - k_mean
+    if cache.key_order is None:
+        k_q = decode(encode(k_q, ks), ks) + k_mean
+    else:  # key tiers: each head's channels reordered, coded, put back (numpy: plain indexing)
+        order = np.array(cache.key_order)
+        k_np = np.array(k_q)
+        for h in range(k_np.shape[1]):
+            part = mx.array(k_np[:, h : h + 1][..., order[h]])
+            k_np[:, h : h + 1][..., order[h]] = np.array(decode(encode(part, ks), ks))
+        k_q = mx.array(k_np) + k_mean
     v_q = decode(encode(values - v_mean, vs), vs) + v_mean
     t = np.arange(T - L, T)[:, None]
     j = np.arange(T)[None, :]
@@ -68,6 +82,26 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
 ):
     """Prefill chunks and decode steps: every query gets exact keys/values for the sink and its
     own recent window and compressed ones elsewhere, however the tokens arrived."""
+    _check_attention(n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec)
+
+
+@pytest.mark.parametrize("n_q_heads, n_kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize(
+    "fp_window, sink, center, center_block", [(0, 0, 6, 0), (3, 2, 10, 0), (3, 2, 4, 7)]
+)
+@pytest.mark.parametrize("key_tiers", [2, 3])
+def test_attention_with_key_tiers(n_q_heads, n_kv_heads, fp_window, sink, center, center_block,
+                                  key_tiers):
+    """Key tiers: queries and the key means follow each head's channel order, so attention
+    equals the reference that codes every head's reordered keys with the tiered spec."""
+    cache = _check_attention(
+        n_q_heads, n_kv_heads, fp_window, sink, center, center_block, "mse", key_tiers
+    )
+    assert len(cache.key_spec.tiers) == key_tiers and cache.key_order.shape == (n_kv_heads, 64)
+
+
+def _check_attention(n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec,
+                     key_tiers=0):
     rng = np.random.default_rng(0)
     D = 64
     cache = TurboQuantKVCache(
@@ -77,11 +111,13 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
         sink=sink,
         center=center,
         center_block=center_block,
+        key_tiers=key_tiers,
     )
+    scales = mx.array(np.geomspace(4, 0.25, D).astype(np.float32))  # strong and weak channels
     keys = values = None
     worst = 0.0
     for L in (1, 9, 1, 1, 17, 1, 3):
-        k, v = _rand(rng, 2, n_kv_heads, L, D) + 2, _rand(rng, 2, n_kv_heads, L, D) - 1
+        k, v = _rand(rng, 2, n_kv_heads, L, D) * scales + 2, _rand(rng, 2, n_kv_heads, L, D) - 1
         keys = k if keys is None else mx.concatenate([keys, k], axis=2)
         values = v if values is None else mx.concatenate([values, v], axis=2)
         view, _ = cache.update_and_fetch(k, v)
@@ -95,13 +131,14 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
         assert cache.key_mean.shape[2] == (cache.n_quantized - sink) // center_block + 1
     print(
         f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}/"
-        f"{center_block}, {codec}: {worst:.2e}"
+        f"{center_block}, {codec}, key tiers {key_tiers}: {worst:.2e}"
     )
     assert worst < 1e-5
+    return cache
 
 
-@pytest.mark.parametrize("center_block", [0, 11])
-def test_chunked_prefill_equals_token_by_token(center_block):
+@pytest.mark.parametrize("center_block, key_tiers", [(0, 0), (11, 0), (11, 3)])
+def test_chunked_prefill_equals_token_by_token(center_block, key_tiers):
     """The same tokens give the same attention outputs however the prompt is split."""
     rng = np.random.default_rng(5)
     D, T = 32, 40
@@ -110,7 +147,7 @@ def test_chunked_prefill_equals_token_by_token(center_block):
     for chunks in ([T], [1] * T, [7, 13, 1, 19]):
         cache = TurboQuantKVCache(
             CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2, center=9,
-            center_block=center_block,
+            center_block=center_block, key_tiers=key_tiers,
         )
         parts, pos = [], 0
         for n in chunks:
@@ -152,13 +189,16 @@ def test_block_means_are_each_previous_blocks_mean():
     assert errors[block] < 0.7 * errors[0]
 
 
-def test_block_means_survive_save_load_and_trim(tmp_path):
+@pytest.mark.parametrize("key_tiers", [0, 3])
+def test_block_means_survive_save_load_and_trim(tmp_path, key_tiers):
     """A cache saved mid-block continues as if never saved; a trim back into the compressed part
-    drops the means of blocks no longer reached and rebuilds the running sum from the codes."""
+    drops the means of blocks no longer reached and rebuilds the running sum from the codes (with
+    key tiers: decoded in the tiers' channel order, summed in the model's)."""
     rng = np.random.default_rng(13)
     D = 64
     make = lambda: TurboQuantKVCache(  # noqa: E731
-        CodecSpec(D, 4), CodecSpec(D, 3), fp_window=3, sink=2, center=4, center_block=16
+        CodecSpec(D, 4), CodecSpec(D, 3), fp_window=3, sink=2, center=4, center_block=16,
+        key_tiers=key_tiers,
     )
     k, v = _rand(rng, 1, 2, 80, D) + 1, _rand(rng, 1, 2, 80, D)
     cache = make()
@@ -167,6 +207,9 @@ def test_block_means_survive_save_load_and_trim(tmp_path):
     save_prompt_cache(path, [cache])
     loaded = load_prompt_cache(path)[0]
     assert loaded.center_block == 16 and mx.array_equal(loaded.key_sum, cache.key_sum).item()
+    assert loaded.key_spec == cache.key_spec and loaded.key_tiers == key_tiers
+    if key_tiers:
+        assert mx.array_equal(loaded.key_order, cache.key_order).item()
     q = _rand(rng, 1, 2, 1, D)
     outs = []
     for c in (cache, loaded):
@@ -183,7 +226,9 @@ def test_block_means_survive_save_load_and_trim(tmp_path):
     assert float(mx.abs(cache.key_sum - exact_sum).max()) < 0.2 * float(mx.abs(exact_sum).max())
     cache.update_and_fetch(k[:, :, 40:80], v[:, :, 40:80])  # the next block's mean is built again
     assert cache.key_mean.shape[2] == (cache.n_quantized - 2) // 16 + 1
-    np.testing.assert_allclose(cache.key_mean[:, :, 3], k[:, :, 34:50].mean(2), atol=0.05)
+    err = float(mx.abs(cache.key_mean[:, :, 3] - k[:, :, 34:50].mean(2)).max())
+    print(f"key tiers {key_tiers}: max |rebuilt mean - exact mean| {err:.3f}")
+    assert err < 0.08  # 6 of the block's 16 tokens come back from 4-bit codes
 
 
 def test_centring_cuts_the_error_of_keys_that_share_a_mean():
@@ -222,6 +267,42 @@ def test_blocks_and_sliding_window_mask(monkeypatch):
     err = float(mx.abs(out - ref).max())
     print(f"300 tokens in 64-token blocks, window {W}: max |diff| {err:.2e}")
     assert err < 1e-5
+
+
+def test_plan_tiers_spends_the_bits_where_the_energy_is():
+    energy = np.geomspace(100, 0.01, 256)
+    tiers = plan_tiers(energy, 3.0, 4)
+    assert [n for n, _ in tiers] == [32, 32, 64, 128]
+    bits = [b for _, b in tiers]
+    assert sum(n * b for n, b in tiers) == 3.0 * 256  # the whole budget, no more
+    assert bits == sorted(bits, reverse=True) and bits[0] > 3 and min(bits) >= 2
+    assert plan_tiers(np.ones(64), 4.0, 3) == ((16, 4.0), (16, 4.0), (32, 4.0))  # isotropic
+    assert max(b for _, b in plan_tiers(np.r_[1e9, np.ones(63)], 6.0, 2)) == 8  # capped
+    assert plan_tiers(np.ones(64), 1.5, 2) == ((32, 1.5), (32, 1.5))  # below 2 bits: flat start
+
+
+def test_key_tiers_cut_the_error_of_anisotropic_keys():
+    """Keys with a few strong channels (as RoPE'd Gemma keys have): ordering each head's channels
+    by their variance over the centring tokens and giving the strong tiers more bits beats one
+    rotation over all channels at the same code bits."""
+    rng = np.random.default_rng(1)
+    D, T = 128, 400
+    scales = mx.array(np.geomspace(8, 0.1, D).astype(np.float32))
+    perm = [mx.array(rng.permutation(D)) for _ in range(2)]  # each head its own strong channels
+    k = mx.concatenate([(_rand(rng, 1, 1, T, D) * scales)[..., p] for p in perm], axis=1)
+    v, q = _rand(rng, 1, 2, T, D), _rand(rng, 1, 4, 8, D) * scales
+    exact = mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5, mask="causal")
+    errors = {}
+    for tiers in (0, 4):
+        cache = TurboQuantKVCache(CodecSpec(D, 3), CodecSpec(D, 8), center=16, key_tiers=tiers)
+        cache.update_and_fetch(k[:, :, : T - 8], v[:, :, : T - 8])
+        view, _ = cache.update_and_fetch(k[:, :, T - 8 :], v[:, :, T - 8 :])
+        errors[tiers] = float(mx.abs(view.attend(q, scale=D**-0.5, mask="causal") - exact).mean())
+    strongest = np.array(cache.key_order)[:, :4]
+    assert all(set(strongest[h]) <= set(np.argsort(np.array(perm[h]))[:16]) for h in range(2))
+    assert cache.key_spec.bits == 3 and len(cache.key_spec.tiers) == 4
+    print(f"mean |error| one rotation {errors[0]:.4f}, 4 tiers {errors[4]:.4f}")
+    assert errors[4] < 0.6 * errors[0]
 
 
 def test_eight_bit_attention_is_close_to_full_precision():
@@ -276,8 +357,8 @@ def test_nbytes_counts_real_arrays_and_grows_in_chunks():
     assert cache.nbytes == per_token * 2 * cache.step
 
 
-@pytest.mark.parametrize("name", ["e2b", "26b", "gemma3"])
-def test_eight_bit_turboquant_generation_matches_fp_cache(name, tiny_checkpoints):
+@pytest.mark.parametrize("name, key_tiers", [("e2b", 0), ("26b", 0), ("gemma3", 0), ("e2b", 2)])
+def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, tiny_checkpoints):
     from mlx_lm.generate import generate_step
 
     path, _ = tiny_checkpoints(name)
@@ -290,10 +371,14 @@ def test_eight_bit_turboquant_generation_matches_fp_cache(name, tiny_checkpoints
 
     fp = greedy(model.make_cache())
     # A new mean every 6 tokens: the block means are read through the model too.
-    policy = KVPolicy("turboquant", bits=8, fp_window=0, center=2, center_block=6)
+    policy = KVPolicy(
+        "turboquant", bits=8, fp_window=0, center=2, center_block=6, key_tiers=key_tiers
+    )
     cache = model.make_cache(policy)
     tq = greedy(cache)
-    assert all(c.n_quantized > c.n_sink for c in cache if isinstance(c, TurboQuantKVCache))
+    tq_caches = [c for c in cache if isinstance(c, TurboQuantKVCache)]
+    assert all(c.n_quantized > c.n_sink for c in tq_caches)
+    assert all(len(c.key_spec.tiers) == key_tiers for c in tq_caches)  # tiers read by the model
     print(f"{name}: fp {fp}\n{name}: tq {tq}")
     assert tq == fp
 
@@ -325,6 +410,12 @@ def test_policy_errors_are_clear():
         KVPolicy("turboquant", center_block=-1)
     with pytest.raises(UserError, match=r"--kv-center \(600\) must be <= --kv-center-block \(512"):
         KVPolicy("turboquant", center=600)
+    with pytest.raises(UserError, match="--kv-key-tiers must be 0 \\(off\\) or 2..5, got 1"):
+        KVPolicy("turboquant", key_tiers=1)
+    with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
+        KVPolicy("turboquant", key_tiers=4, center=0)
+    with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
+        KVPolicy("turboquant", key_tiers=4, codec="prod")
     assert KVPolicy("turboquant").resolved_bits() == (4.5, 2)  # the default
     assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
     assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

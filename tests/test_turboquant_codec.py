@@ -188,3 +188,52 @@ def test_rotated_domain_inner_products_equal_original():
     a = np.sum(np.array(decode_rotated(enc, spec)) * np.array(rotate(mx.array(q), spec)), 1)
     b = np.sum(np.array(decode(enc, spec)) * q, 1)
     assert np.allclose(a, b, atol=1e-5)
+
+
+TIERS = ((32, 7.0), (32, 5.0), (64, 3.0), (128, 2.5))  # 3.5 bits on average over 256 channels
+
+
+def test_tiers_spend_more_bits_on_strong_channels():
+    """Channels ordered strong to weak (as the cache orders each head's keys): tiers, each rotated
+    and normed on its own with its own bits, beat one rotation over all at the same code bits;
+    each tier's norm costs 16 bits; inner products still equal the rotated domain's."""
+    rng = np.random.default_rng(4)
+    scales = np.r_[np.full(32, 5.0), np.full(32, 2.0), np.full(64, 1.0), np.full(128, 0.3)]
+    x = mx.array((rng.standard_normal((2000, 256)) * scales).astype(np.float32))
+    errors = {}
+    for tiers in ((), TIERS):
+        spec = CodecSpec(256, 3.5, tiers=tiers)
+        enc = encode(x, spec)
+        out = decode(enc, spec)
+        errors[tiers] = float(mx.mean(mx.sum((out - x) ** 2, -1)) / mx.mean(mx.sum(x * x, -1)))
+        assert enc.norms.shape == (2000, len(tiers) or 1)
+        assert bits_per_channel(spec) == pytest.approx(3.5 + 16 * (len(tiers) or 1) / 256)
+        q = mx.array(rng.standard_normal((5, 256)).astype(np.float32))
+        a = np.array(rotate(q, spec) @ decode_rotated(enc, spec).T)
+        assert np.allclose(a, np.array(q @ out.T), atol=1e-3)
+    print(f"relative MSE: one rotation {errors[()]:.4f}, tiers {errors[TIERS]:.4f}")
+    assert errors[TIERS] < 0.3 * errors[()]
+
+
+def test_tier_blocks_use_their_own_size_codebooks():
+    """A tier of n channels is a unit vector in R^n after its norm: its codebook is the one for
+    dimension n, and the decoded vector round-trips to the same codes."""
+    spec = CodecSpec(256, 3.5, tiers=TIERS)
+    assert spec.blocks == ((0, 32), (32, 32), (64, 64), (128, 128))
+    assert [n for _, n in spec.group_block] == [32, 32, 64, 128, 128]  # 2.5 bits: 2 groups
+    x = mx.array(_unit(50, 256, 3))
+    enc = encode(x, spec)
+    again = encode(decode(enc, spec), spec)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(enc.codes, again.codes))
+
+
+def test_invalid_tiers_are_errors():
+    with pytest.raises(ValueError, match="must cover 256 channels"):
+        CodecSpec(256, 3.5, tiers=((128, 3.5), (64, 3.5)))
+    with pytest.raises(ValueError, match="average 4.0 bits, not bits=3.5"):
+        CodecSpec(256, 3.5, tiers=((128, 4.0), (128, 4.0)))
+    with pytest.raises(ValueError, match="MSE codec only"):
+        CodecSpec(256, 3.5, "prod", tiers=((128, 3.5), (128, 3.5)))
+    with pytest.raises(ValueError, match="bits must be in 1..8"):
+        CodecSpec(256, 5.0, tiers=((128, 9.0), (128, 1.0)))
+    assert CodecSpec(256, 3.5, tiers=[[128, 3.5], [128, 3.5]]).tiers == ((128, 3.5), (128, 3.5))

@@ -58,12 +58,10 @@ def attention(
         .reshape(B, n_kv, groups, L, D)
         .reshape(B, n_kv, groups * L, D)
     )
-    q_rot = rotate(q, kspec)
+    q_rot = rotate(cache.key_domain(q), kspec)  # key tiers: each head's channel order first
     # compressed tokens were centred before encoding: their means, in the rotated domain
-    k_means, v_means = (
-        None if mean is None else rotate(mean.astype(mx.float32), spec)  # (B, n_kv, blocks, D)
-        for mean, spec in ((cache.key_mean, kspec), (cache.value_mean, vspec))
-    )
+    k_means = None if cache.key_mean is None else rotate(cache.key_domain(cache.key_mean), kspec)
+    v_means = None if cache.value_mean is None else rotate(cache.value_mean, vspec)
 
     def mean_weights(start: int, stop: int) -> tuple[mx.array, mx.array, mx.array]:
         """How compressed tokens [start, stop) read their centring means: (token -> mean one-hot

@@ -10,6 +10,12 @@ of the block before it, accumulated from the exact tokens as they are compressed
 follows keys that drift over a long context (on Gemma 3 270M's global layers a fixed mean removes
 0-58% of the key energy over 16K tokens, a per-1024-token mean 23-68%). ``center_block=0``: one
 mean for everything.
+Key tiers (``key_tiers=n``): when the first mean is taken, the variance of each key channel over
+those centring tokens orders every head's channels from strong to weak, and the key bits are
+spread over n tiers of channels (1/2^(n-1), 1/2^(n-1), ..., 1/2 of them, strongest first) by
+reverse water-filling on the tiers' energies (the same bits for every head, so the codes have one
+layout; each head its own channel order). Gemma's keys are far from isotropic (RoPE pairs, a few
+strong channels); a single rotation spreads the strong channels' error over all of them.
 Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K and at
 256K tokens. ``update_and_fetch`` returns a lightweight ``CompressedView`` (for keys and
 values alike) that attention understands: nothing is dequantized as a whole, ever.
@@ -24,10 +30,11 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 from turboquant.codec import CodecSpec, Encoded, decode, encode, slice_encoded
@@ -54,6 +61,38 @@ class CompressedView:
     def shape(self) -> tuple[int, ...]:  # like a (B, n_kv_heads, tokens, D) key array
         c = self.cache
         return (c.batch, c.n_kv_heads, self.offset, c.key_spec.dim)
+
+
+def tier_sizes(dim: int, n: int) -> list[int]:
+    """Channels per tier, strongest first: dim/2^(n-1), dim/2^(n-1), dim/2^(n-2), ..., dim/2."""
+    return [dim >> (n - 1)] + [dim >> (n - i) for i in range(1, n)]
+
+
+def plan_tiers(energy: np.ndarray, bits: float, n: int) -> tuple[tuple[int, float], ...]:
+    """(channels, bits) per tier for channel energies sorted strongest first: every tier starts
+    at min(2, bits) and half bits go, one at a time, where they cut the expected squared error
+    most per stored bit (tier energy x 4^-bits / channels), up to 8 bits a channel."""
+    sizes = tier_sizes(len(energy), n)
+    edges = np.cumsum([0] + sizes)
+    tier_energy = [float(energy[a:b].sum()) for a, b in zip(edges[:-1], edges[1:])]
+    spent = [min(2.0, bits)] * n
+    budget = bits * len(energy) - sum(b * c for b, c in zip(spent, sizes))
+    while budget > 1e-9:
+        gains = [
+            e * 4.0 ** -b / c if b < 8 and c / 2 <= budget + 1e-9 else -1.0
+            for e, b, c in zip(tier_energy, spent, sizes)
+        ]
+        i = int(np.argmax(gains))
+        if gains[i] < 0:
+            break
+        spent[i] += 0.5
+        budget -= sizes[i] / 2
+    return tuple(zip(sizes, spent))
+
+
+def _permute(x: mx.array, order: mx.array) -> mx.array:
+    """x (B, H, T, D) with each head's channels in ``order`` (H, D)."""
+    return mx.take_along_axis(x, mx.broadcast_to(order[None, :, None, :], x.shape), axis=-1)
 
 
 def _encoded_like(enc: Encoded, capacity: int) -> Encoded:
@@ -123,7 +162,15 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         exact_dtype: mx.Dtype | None = None,
         center: int = 0,
         center_block: int = 0,
+        key_tiers: int = 0,
     ):
+        if key_tiers and not center:
+            raise ValueError("key_tiers needs center > 0 (the centring tokens order the channels)")
+        if key_tiers and (key_tiers < 2 or key_spec.dim % (1 << key_tiers)):
+            raise ValueError(
+                f"key_tiers must be >= 2 (0: off) and 2^key_tiers must divide the head dim "
+                f"{key_spec.dim}, got {key_tiers}"
+            )
         if fp_window < 0 or sink < 0 or center < 0 or center_block < 0:
             raise ValueError(
                 "fp_window, sink, center and center_block must be >= 0, got "
@@ -140,6 +187,9 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.exact_dtype = exact_dtype  # storage of the exact tokens (None: as they come)
         self.center = center  # tokens after the sink whose mean centres the codes (0: none)
         self.center_block = center_block  # tokens per mean (0: one mean for all)
+        self.key_tiers = key_tiers  # channel tiers of the keys (0: one rotation over all)
+        # (H, D) uint32: each head's key channels, strongest first (set with the first mean)
+        self.key_order: mx.array | None = None
         # (B, H, blocks, D) in the exact tokens' dtype: one mean per block that has compressed
         # tokens (and the next one, once its predecessor is complete), subtracted before encoding
         # and added back when attending
@@ -219,6 +269,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             if self.center_block:
                 self.key_sum = mx.zeros(self.key_mean.shape, mx.float32)
                 self.value_sum = mx.zeros(self.value_mean.shape, mx.float32)
+            if self.key_tiers:
+                self._plan_tiers(self.fp_keys[:, :, : self.center])
         # compress what leaves the window for the next call's queries, drop its exact copy
         keep_from = max(self.offset - self.fp_window, self.fp_start)
         if keep_from > self.n_quantized:
@@ -230,6 +282,21 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             self.fp_keys, self.fp_values = self.fp_keys[:, :, cut:], self.fp_values[:, :, cut:]
             self.fp_start = keep_from
         return view, view
+
+    def _plan_tiers(self, keys: mx.array) -> None:
+        """Order each head's key channels by their variance over ``keys`` (the centring tokens)
+        and spread the key bits over the tiers (same bits for every head)."""
+        centred = keys.astype(mx.float32) - self.key_mean.astype(mx.float32)
+        var = mx.mean(centred * centred, axis=(0, 2))  # (H, D)
+        order = mx.argsort(-var, axis=-1)
+        energy = np.array(mx.mean(mx.take_along_axis(var, order, axis=-1), axis=0))
+        tiers = plan_tiers(energy, self.key_spec.bits, self.key_tiers)
+        self.key_spec = replace(self.key_spec, tiers=tiers)
+        self.key_order = order.astype(mx.uint32)
+
+    def key_domain(self, x: mx.array) -> mx.array:
+        """(B, H, T, D) keys, queries or means in the order the key codes use."""
+        return x if self.key_order is None else _permute(x, self.key_order)
 
     def block_of(self, position: int) -> int:
         """Index of the mean that centres the compressed token at ``position``."""
@@ -275,7 +342,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
     def _quantize(self, keys: mx.array, values: mx.array) -> None:
         n = keys.shape[2]
         keys, values = self._centred(keys, values)
-        k = encode(keys, self.key_spec, check_finite=False)
+        k = encode(self.key_domain(keys), self.key_spec, check_finite=False)
         v = encode(values, self.value_spec, check_finite=False)
         first = self.n_quantized - self.n_sink  # storage index
         needed = first + n
@@ -343,7 +410,10 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             ("key_sum", k_enc, self.key_spec, self.key_mean),
             ("value_sum", v_enc, self.value_spec, self.value_mean),
         ):
-            tokens = decode(enc, spec) + mean[:, :, b : b + 1].astype(mx.float32)
+            tokens = decode(enc, spec)
+            if name == "key_sum" and self.key_order is not None:  # back to the model's order
+                tokens = _permute(tokens, mx.argsort(self.key_order, axis=-1))
+            tokens = tokens + mean[:, :, b : b + 1].astype(mx.float32)
             setattr(self, name, tokens.sum(2, keepdims=True))
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
@@ -359,7 +429,8 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             if enc is not None:
                 total += enc.nbytes
         exact = (self.fp_keys, self.fp_values, self.sink_keys, self.sink_values)
-        for a in (*exact, self.key_mean, self.value_mean, self.key_sum, self.value_sum):
+        extra = (self.key_mean, self.value_mean, self.key_sum, self.value_sum, self.key_order)
+        for a in (*exact, *extra):
             if a is not None:
                 total += a.nbytes
         return total
@@ -388,6 +459,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
                 "sink": self.sink,
                 "center": self.center,
                 "center_block": self.center_block,
+                "key_tiers": self.key_tiers,
                 "fp_start": self.fp_start,
                 "exact_dtype": ""
                 if self.exact_dtype is None
@@ -405,6 +477,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             "value_mean": self.value_mean,
             "key_sum": self.key_sum,
             "value_sum": self.value_sum,
+            "key_order": self.key_order,
         }
 
     @state.setter
@@ -418,6 +491,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.sink = int(meta.get("sink", 0))
         self.center = int(meta.get("center", 0))
         self.center_block = int(meta.get("center_block", 0))
+        self.key_tiers = int(meta.get("key_tiers", 0))
         dtype = meta.get("exact_dtype", "")
         self.exact_dtype = getattr(mx, dtype) if dtype else None
 
@@ -431,6 +505,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.sink_keys, self.sink_values = v.get("sink_keys"), v.get("sink_values")
         self.key_mean, self.value_mean = v.get("key_mean"), v.get("value_mean")
         self.key_sum, self.value_sum = v.get("key_sum"), v.get("value_sum")
+        self.key_order = v.get("key_order")
         fp = 0 if self.fp_keys is None else self.fp_keys.shape[2]
         self.fp_start = int(meta.get("fp_start", self.offset - fp))
 

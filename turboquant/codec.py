@@ -12,6 +12,12 @@ then unbiased: <q, x> ~ norm * (<R q, y_hat> + |r| * sqrt(pi/2) / d * <S R q, si
 Fractional bits (2.5, 3.5, ...): after the rotation every coordinate has the same law, so the
 first round(frac * d) rotated channels use ceil(bits) and the rest floor(bits).
 
+Tiers (``tiers=((count, bits), ...)``, MSE only): the channels are split into consecutive blocks,
+each rotated on its own, normalised by its own norm and quantized with the codebook of its own
+size and bits. A caller that orders channels by energy (the TurboQuant cache does, per head, from
+the tokens it centres on) gives high-energy channels more bits: keys are far from isotropic (RoPE
+pairs), and a single rotation would spread the few strong channels' energy over all of them.
+
 Stored bytes are real array bytes (``Encoded.nbytes``); ``bits_per_channel`` reports them.
 
 Input rules: zero vectors encode and decode to zero; non-finite input raises ValueError when
@@ -45,8 +51,22 @@ class CodecSpec:
     rotation: str = "auto"  # "auto" (Hadamard where possible) | "hadamard" | "qr"
     seed: int = 0
     qjl: str = "gaussian"  # "gaussian" (the paper's S) | "orthogonal" (scaled orthogonal S)
+    tiers: tuple[tuple[int, float], ...] = ()  # (channels, bits) blocks; bits is then their mean
 
     def __post_init__(self):
+        tiers = tuple((int(n), float(b)) for n, b in self.tiers)
+        object.__setattr__(self, "tiers", tiers)  # JSON round trips give lists
+        if tiers:
+            if self.kind != "mse":
+                raise ValueError("channel tiers are for the MSE codec only")
+            if sum(n for n, _ in tiers) != self.dim or min(n for n, _ in tiers) < 4:
+                raise ValueError(f"tiers {tiers} must cover {self.dim} channels, >= 4 each")
+            mean = sum(n * b for n, b in tiers) / self.dim
+            if abs(mean - self.bits) > 1e-6:
+                raise ValueError(f"tiers {tiers} average {mean} bits, not bits={self.bits}")
+            for n, b in tiers:
+                CodecSpec(n, b)  # each tier must be a valid codec on its own
+            return
         if self.kind not in ("mse", "prod"):
             raise ValueError(f"codec kind must be 'mse' or 'prod', got {self.kind!r}")
         if self.qjl not in ("gaussian", "orthogonal"):
@@ -64,8 +84,22 @@ class CodecSpec:
         return self.bits - 1 if self.kind == "prod" else self.bits
 
     @cached_property
+    def blocks(self) -> tuple[tuple[int, int], ...]:
+        """(first channel, channel count) of each separately rotated and normed block."""
+        if not self.tiers:
+            return ((0, self.dim),)
+        starts = np.cumsum([0] + [n for n, _ in self.tiers])
+        return tuple((int(a), n) for a, (n, _) in zip(starts, self.tiers))
+
+    @cached_property
     def groups(self) -> tuple[tuple[int, int, int], ...]:
         """(first channel, channel count, bits) of each codebook group of rotated channels."""
+        if self.tiers:
+            return tuple(
+                (start + first, count, bits)
+                for (start, n), (_, b) in zip(self.blocks, self.tiers)
+                for first, count, bits in CodecSpec(n, b).groups
+            )
         low = math.floor(self.mse_bits)
         n_high = round((self.mse_bits - low) * self.dim)
         groups = []
@@ -76,10 +110,25 @@ class CodecSpec:
         return tuple(groups)
 
     @cached_property
-    def rotator(self) -> Rotation:
-        if self.rotation == "auto":
-            return default_rotation(self.dim, self.seed)
-        return Rotation(self.dim, self.seed, self.rotation)
+    def group_block(self) -> tuple[tuple[int, int], ...]:
+        """For each group: (index of its block, size of that block: its codebook's dimension)."""
+        return tuple(
+            next((i, n) for i, (a, n) in enumerate(self.blocks) if a <= first < a + n)
+            for first, _, _ in self.groups
+        )
+
+    @cached_property
+    def rotator(self) -> Rotation | BlockRotation:
+        def one(dim: int, seed: int) -> Rotation:
+            if self.rotation == "auto":
+                return default_rotation(dim, seed)
+            return Rotation(dim, seed, self.rotation)
+
+        if not self.tiers:
+            return one(self.dim, self.seed)
+        return BlockRotation(
+            tuple((start, one(n, self.seed + i)) for i, (start, n) in enumerate(self.blocks))
+        )
 
     @property
     def qjl_scale(self) -> float:
@@ -93,6 +142,46 @@ class CodecSpec:
 
     def words(self) -> list[int]:
         return [packed_words(count, bits) for _, count, bits in self.groups]
+
+
+@dataclass(frozen=True)
+class BlockRotation:
+    """Block-diagonal rotation: each tier of channels rotated on its own (still orthogonal)."""
+
+    parts: tuple[tuple[int, Rotation], ...]  # (first channel, rotation of the block)
+
+    def _apply(self, x: mx.array, inverse: bool) -> mx.array:
+        return mx.concatenate(
+            [
+                (r.inverse if inverse else r.forward)(x[..., a : a + r.dim])
+                for a, r in self.parts
+            ],
+            axis=-1,
+        )
+
+    def forward(self, x: mx.array) -> mx.array:
+        return self._apply(x, False)
+
+    def inverse(self, y: mx.array) -> mx.array:
+        return self._apply(y, True)
+
+
+def _block_norms(x: mx.array, spec: CodecSpec) -> mx.array:
+    """(..., blocks) Euclidean norm of each block of channels."""
+    return mx.concatenate(
+        [mx.sqrt(mx.sum(x[..., a : a + n] ** 2, axis=-1, keepdims=True)) for a, n in spec.blocks],
+        axis=-1,
+    )
+
+
+def _per_channel(v: mx.array, spec: CodecSpec) -> mx.array:
+    """(..., blocks) -> (..., d): each block's value repeated over its channels."""
+    if len(spec.blocks) == 1:
+        return v
+    return mx.concatenate(
+        [mx.repeat(v[..., i : i + 1], n, axis=-1) for i, (_, n) in enumerate(spec.blocks)],
+        axis=-1,
+    )
 
 
 @lru_cache(maxsize=32)
@@ -110,7 +199,7 @@ class Encoded:
     """Compressed vectors: every field keeps the leading axes of the input."""
 
     codes: tuple[mx.array, ...]  # per group (..., words) uint32
-    norms: mx.array  # (..., 1) float16: |x| (or |x| / |y_hat| with norm correction)
+    norms: mx.array  # (..., blocks) float16: |x| (or |x| / |y_hat| with norm correction)
     signs: mx.array | None = None  # prod: (..., d/32) uint32, QJL sign bits
     res_norms: mx.array | None = None  # prod: (..., 1) float16 residual norms
 
@@ -152,23 +241,23 @@ def encode(x: mx.array, spec: CodecSpec, check_finite: bool = True) -> Encoded:
     if x.shape[-1] != spec.dim:
         raise ValueError(f"expected vectors of size {spec.dim}, got shape {tuple(x.shape)}")
     x = x.astype(mx.float32)
-    norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
+    norm = _block_norms(x, spec)  # (..., blocks)
     if check_finite:
         if not mx.all(mx.isfinite(x)).item():
             raise ValueError("cannot encode non-finite values (NaN or inf)")
         if mx.max(norm).item() > FP16_MAX:
             raise ValueError(f"vector norm above {FP16_MAX} does not fit the float16 norm")
-    y = rotate(x / mx.maximum(norm, 1e-30), spec)
+    y = rotate(x / _per_channel(mx.maximum(norm, 1e-30), spec), spec)
     codes, parts = [], []
-    for start, count, bits in spec.groups:
-        cb = codebook(spec.dim, bits)
+    for (start, count, bits), (_, block_dim) in zip(spec.groups, spec.group_block):
+        cb = codebook(block_dim, bits)
         idx = _nearest(y[..., start : start + count], cb.boundaries_mx, bits)
         codes.append(pack(idx, bits))
         parts.append(cb.centroids_mx[idx])
     y_hat = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if spec.kind == "mse":
         if spec.norm_correction:
-            norm = norm / mx.maximum(mx.sqrt(mx.sum(y_hat * y_hat, axis=-1, keepdims=True)), 1e-30)
+            norm = norm / mx.maximum(_block_norms(y_hat, spec), 1e-30)
         return Encoded(tuple(codes), norm.astype(mx.float16))
     residual = y - y_hat
     projected = residual @ _qjl_matrix(spec.dim, spec.seed, spec.qjl).T
@@ -184,14 +273,14 @@ def decode_rotated(enc: Encoded, spec: CodecSpec) -> mx.array:
     is rotated back once at the end.
     """
     parts = []
-    for code, (_, count, bits) in zip(enc.codes, spec.groups):
-        parts.append(codebook(spec.dim, bits).centroids_mx[unpack(code, bits, count)])
+    for code, (_, count, bits), (_, block_dim) in zip(enc.codes, spec.groups, spec.group_block):
+        parts.append(codebook(block_dim, bits).centroids_mx[unpack(code, bits, count)])
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if spec.kind == "prod":
         sign = unpack(enc.signs, 1, spec.dim).astype(mx.float32) * 2 - 1
         correction = sign @ _qjl_matrix(spec.dim, spec.seed, spec.qjl)  # S^T sign(S r)
         y = y + enc.res_norms.astype(mx.float32) * spec.qjl_scale * correction
-    return y * enc.norms.astype(mx.float32)
+    return y * _per_channel(enc.norms.astype(mx.float32), spec)
 
 
 def decode(enc: Encoded, spec: CodecSpec) -> mx.array:

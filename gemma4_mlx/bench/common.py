@@ -80,6 +80,7 @@ def tq_policy(
     center: int = 128,
     codec: str = "mse",
     block: int | None = None,
+    tiers: int = 0,
 ) -> KVPolicy:
     """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16); ``block``
     None: the default's centring block."""
@@ -92,6 +93,7 @@ def tq_policy(
         center=center,
         center_block=KVPolicy.center_block if block is None else block,
         codec=codec,
+        key_tiers=tiers,
         exact_dtype=EXACT,
     )
 
@@ -116,6 +118,7 @@ def setting_name(policy: KVPolicy) -> str:
         f"tq{(key_bits + value_bits) / 2:g}{codec} K{key_bits:g}/V{value_bits:g} "
         f"s{policy.sink} w{policy.fp_window} c{policy.center}"
         + (f"/{policy.center_block}" if policy.center_block else "")
+        + (f" t{policy.key_tiers}" if policy.key_tiers else "")
     )
     return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
 

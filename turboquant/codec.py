@@ -273,14 +273,19 @@ def decode_rotated(enc: Encoded, spec: CodecSpec) -> mx.array:
     is rotated back once at the end.
     """
     parts = []
-    for code, (_, count, bits), (_, block_dim) in zip(enc.codes, spec.groups, spec.group_block):
-        parts.append(codebook(block_dim, bits).centroids_mx[unpack(code, bits, count)])
+    norms = enc.norms.astype(mx.float32)
+    tiered = len(spec.blocks) > 1
+    for code, (_, count, bits), (block, block_dim) in zip(
+        enc.codes, spec.groups, spec.group_block
+    ):
+        part = codebook(block_dim, bits).centroids_mx[unpack(code, bits, count)]
+        parts.append(part * norms[..., block : block + 1] if tiered else part)
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if spec.kind == "prod":
         sign = unpack(enc.signs, 1, spec.dim).astype(mx.float32) * 2 - 1
         correction = sign @ _qjl_matrix(spec.dim, spec.seed, spec.qjl)  # S^T sign(S r)
         y = y + enc.res_norms.astype(mx.float32) * spec.qjl_scale * correction
-    return y * _per_channel(enc.norms.astype(mx.float32), spec)
+    return y if tiered else y * norms
 
 
 def decode(enc: Encoded, spec: CodecSpec) -> mx.array:

@@ -9,11 +9,12 @@ context, get what the policy says:
 - ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
 - ``affine``: mlx-lm's QuantizedKVCache (group-wise affine, ``bits`` 2..8), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: the default average of 3.25 code bits is K4.5/V2), the first ``sink`` tokens and each
+  Gemma: the default average of 2.5 code bits is K3/V2), the first ``sink`` tokens and each
   query's ``fp_window`` most recent tokens read exact, keys and values centred on the mean of
   the ``center`` tokens after the sink (and, with ``center_block``, each later block of that
-  many tokens on the mean of the block before it), codec ``mse`` (with norm correction) or ``prod`` (MSE at
-  b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py
+  many tokens on the mean of the block before it), key channels in ``key_tiers`` tiers by their
+  variance over the centring tokens (strong channels get more of the key bits), codec ``mse``
+  (with norm correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py
   chose on real weights (README: the rule and the numbers).
 """
 
@@ -29,7 +30,7 @@ from gemma4_mlx.errors import UserError
 
 KV_KINDS = ("fp16", "affine", "turboquant")
 # Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
-DEFAULT_BITS = 3.25  # K4.5/V2: with sink, window and means 3.49 bits/channel stored at 4K
+DEFAULT_BITS = 2.5  # K3/V2 with key tiers (README: stored bits/channel with everything counted)
 DEFAULT_SPLITS = {
     2.5: (3, 2),
     3.0: (4, 2),
@@ -41,6 +42,14 @@ DEFAULT_SPLITS = {
     6.0: (7, 5),
     8.0: (8, 8),
 }
+
+
+DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
+
+
+def tiers_fit(head_dim: int, n: int) -> bool:
+    """n key tiers split head_dim into halves down to head_dim / 2^(n-1) channels, in half bits."""
+    return head_dim % (1 << n) == 0 and head_dim >> (n - 1) >= 4
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,9 @@ class KVPolicy:
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
     center_block: int = 512  # turboquant: a new mean every this many tokens (0: one mean)
-    key_tiers: int = 0  # turboquant: key channels in this many tiers by variance (0: off)
+    # turboquant: key channels in this many tiers by their variance (0: off; None: DEFAULT_TIERS
+    # where they fit: centring on, mse codec, head dim divisible by 2^tiers, >= 4 channels a tier)
+    key_tiers: int | None = None
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
@@ -120,6 +131,29 @@ class KVPolicy:
         )
         return float(key), float(value)
 
+    @property
+    def nominal_tiers(self) -> int:
+        """Key tiers this policy asks for (a layer with a small head dim may get fewer)."""
+        if self.key_tiers is not None:
+            return self.key_tiers
+        on = self.kind == "turboquant" and self.center and self.codec == "mse"
+        return DEFAULT_TIERS if on else 0
+
+    def tiers_for(self, head_dim: int) -> int:
+        """Key tiers for a layer of ``head_dim``: the policy's, or by default the most (up to
+        DEFAULT_TIERS) that fit (head dim divisible by 2^tiers, >= 4 channels a tier)."""
+        n = self.nominal_tiers
+        if self.key_tiers is None:
+            while n >= 2 and not tiers_fit(head_dim, n):
+                n -= 1
+            return n if n >= 2 else 0
+        if n and not tiers_fit(head_dim, n):
+            raise UserError(
+                f"--kv-key-tiers {n} needs a head dim divisible by {1 << n} with >= 4 channels "
+                f"a tier, got {head_dim}"
+            )
+        return n
+
     def describe(self) -> str:
         if self.kind == "fp16":
             return "fp16 (model dtype)"
@@ -129,7 +163,7 @@ class KVPolicy:
         centre = f"centred on {self.center} tokens" if self.center else "uncentred"
         if self.center_block:
             centre += f", then on each previous block of {self.center_block}"
-        tiers = f", keys in {self.key_tiers} channel tiers" if self.key_tiers else ""
+        tiers = f", keys in {self.nominal_tiers} channel tiers" if self.nominal_tiers else ""
         return (
             f"turboquant {self.codec} K{k:g}/V{v:g}{tiers}, {self.sink} first and "
             f"{self.fp_window} recent tokens exact, {centre}"
@@ -167,11 +201,6 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
     import mlx.core as mx
 
     exact_dtype = getattr(mx, policy.exact_dtype) if policy.exact_dtype else None
-    if policy.key_tiers and spec.head_dim % (1 << policy.key_tiers):
-        raise UserError(
-            f"--kv-key-tiers {policy.key_tiers} needs a head dim divisible by "
-            f"{1 << policy.key_tiers}, got {spec.head_dim}"
-        )
     return TurboQuantKVCache(
         key_spec,
         value_spec,
@@ -180,7 +209,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         exact_dtype=exact_dtype,
         center=policy.center,
         center_block=policy.center_block,
-        key_tiers=policy.key_tiers,
+        key_tiers=policy.tiers_for(spec.head_dim),
     )
 
 

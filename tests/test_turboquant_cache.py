@@ -416,6 +416,12 @@ def test_policy_errors_are_clear():
         KVPolicy("turboquant", key_tiers=4, center=0)
     with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
         KVPolicy("turboquant", key_tiers=4, codec="prod")
-    assert KVPolicy("turboquant").resolved_bits() == (4.5, 2)  # the default
+    assert KVPolicy("turboquant").resolved_bits() == (3, 2)  # the default
+    assert KVPolicy("turboquant").tiers_for(256) == 4  # default tiers, fewer where they don't fit
+    assert KVPolicy("turboquant").tiers_for(16) == 3 and KVPolicy("turboquant").tiers_for(6) == 0
+    assert KVPolicy("turboquant", center=0).tiers_for(256) == 0  # tiers ride on the centring
+    assert KVPolicy("turboquant", codec="prod").tiers_for(256) == 0
+    with pytest.raises(UserError, match="--kv-key-tiers 4 needs a head dim divisible by 16"):
+        KVPolicy("turboquant", key_tiers=4).tiers_for(24)
     assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
     assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

@@ -166,10 +166,12 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
     ):
         if key_tiers and not center:
             raise ValueError("key_tiers needs center > 0 (the centring tokens order the channels)")
-        if key_tiers and (key_tiers < 2 or key_spec.dim % (1 << key_tiers)):
+        if key_tiers and (
+            key_tiers < 2 or key_spec.dim % (1 << key_tiers) or key_spec.dim >> (key_tiers - 1) < 4
+        ):
             raise ValueError(
-                f"key_tiers must be >= 2 (0: off) and 2^key_tiers must divide the head dim "
-                f"{key_spec.dim}, got {key_tiers}"
+                f"key_tiers must be >= 2 (0: off), 2^key_tiers must divide the head dim and leave "
+                f">= 4 channels a tier: {key_tiers} tiers of {key_spec.dim}"
             )
         if fp_window < 0 or sink < 0 or center < 0 or center_block < 0:
             raise ValueError(

@@ -83,7 +83,7 @@ def tq_policy(
     tiers: int = 0,
 ) -> KVPolicy:
     """A TurboQuant policy as the benchmarks run it (exact tokens stored as bfloat16); ``block``
-    None: the default's centring block."""
+    None: the default's centring block; ``tiers``: key channel tiers (0: one rotation)."""
     return KVPolicy(
         "turboquant",
         key_bits=key_bits,
@@ -118,7 +118,7 @@ def setting_name(policy: KVPolicy) -> str:
         f"tq{(key_bits + value_bits) / 2:g}{codec} K{key_bits:g}/V{value_bits:g} "
         f"s{policy.sink} w{policy.fp_window} c{policy.center}"
         + (f"/{policy.center_block}" if policy.center_block else "")
-        + (f" t{policy.key_tiers}" if policy.key_tiers else "")
+        + (f" t{policy.nominal_tiers}" if policy.nominal_tiers else "")
     )
     return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
 
@@ -126,7 +126,9 @@ def setting_name(policy: KVPolicy) -> str:
 def _resolved(policy: KVPolicy) -> KVPolicy:
     """The policy with its bits spelled out, so equal settings compare equal."""
     key_bits, value_bits = policy.resolved_bits()
-    return replace(policy, bits=None, key_bits=key_bits, value_bits=value_bits)
+    return replace(
+        policy, bits=None, key_bits=key_bits, value_bits=value_bits, key_tiers=policy.nominal_tiers
+    )
 
 
 def named(*policies) -> dict:

@@ -87,7 +87,7 @@ def make_global_cache(policy: KVPolicy | None, head_dim: int):
         sink=policy.sink,
         center=policy.center,
         center_block=policy.center_block,
-        key_tiers=policy.key_tiers,
+        key_tiers=policy.tiers_for(head_dim),
         exact_dtype=mx.bfloat16,  # the synthetic keys are float32; a bf16 model stores bf16
     )
 

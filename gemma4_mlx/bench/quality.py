@@ -54,27 +54,27 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
         return named(
             affine4,
             default_policy(),
-            tq_policy(4.5, 2, block=0),  # one mean for the whole context
-            tq_policy(4, 2),
-            tq_policy(5, 2, window=128),
+            tq_policy(3.5, 2, tiers=4),
+            tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
         )
     return named(
         KVPolicy("affine", bits=8),
         affine4,
         tq_policy(5, 3),
-        tq_policy(5, 2, window=128),
         tq_policy(4, 3),
         tq_policy(5, 2, sink=0, window=0, center=0),  # plain TurboQuant
         tq_policy(3, 4, sink=0, window=0, center=0),  # mlx-vlm's split for Gemma 4
         default_policy(),
+        tq_policy(3.5, 2, tiers=4),
+        tq_policy(4, 2, tiers=4),
+        tq_policy(3, 1.5, tiers=4),
+        tq_policy(2.5, 2, tiers=4),
+        tq_policy(4.5, 2),
         tq_policy(4, 2),
         tq_policy(4, 2, center=0),
-        tq_policy(4, 2, block=0),
-        tq_policy(4, 2, window=16),
         tq_policy(4, 2, codec="prod"),
         tq_policy(4, 1.5),
         tq_policy(3, 2),
-        tq_policy(3, 2, codec="prod"),
     )
 
 

@@ -5,9 +5,10 @@
    (E2B/E4B to 128K); ``nbytes`` of the real cache object (allocated arrays, growth slack and the
    exact recent-token window included) is multiplied by the number of cache-owning layers of that
    kind (KV-shared consumer layers own none). Settings: bf16 (mlx-lm KVCache), mlx-lm affine 8/4
-   bit (QuantizedKVCache), TurboQuant 2.5/3/3.25 (the default)/3.5/4 code bits (K/V splits of
-   gemma4_mlx.cache), with the default 4 first and 32 recent tokens exact (bf16) and the
-   centring means, and 3.5 bits with none of these. Sliding layers keep a bf16 ring buffer.
+   bit (QuantizedKVCache), TurboQuant 2.5 (the default)/3/3.5/4 code bits (K/V splits of
+   gemma4_mlx.cache), with the default 4 first and 32 recent tokens exact (bf16), the centring
+   means and 4 key channel tiers (one float16 norm each), the previous default (3.25: K4.5/V2,
+   one rotation and one norm) and 3.5 bits with no exact tokens, centring or tiers. Sliding layers keep a bf16 ring buffer.
 2. Peak: for the 31B global-layer shape (32 q heads, 4 kv heads, head dim 512), growth of
    ``mx.get_peak_memory()`` beyond the cache during one decode step (32K and 128K cached tokens)
    and one 512-token prefill chunk (8K and 32K), TurboQuant vs mlx-lm's quantized path.
@@ -68,8 +69,9 @@ def settings() -> dict[str, KVPolicy | None]:
     out: dict[str, KVPolicy | None] = {"bf16": None}
     out["affine8"] = KVPolicy("affine", bits=8)
     out["affine4"] = KVPolicy("affine", bits=4)
-    for bits in (2.5, 3.0, DEFAULT_BITS, 3.5, 4.0):  # default sink, window, centring
+    for bits in sorted({2.5, 3.0, DEFAULT_BITS, 3.5, 4.0}):  # default sink, window, centring, tiers
         out[f"tq{bits:g}"] = KVPolicy("turboquant", bits=bits)
+    out["tq3.25-t0"] = KVPolicy("turboquant", bits=3.25, key_tiers=0)  # the previous default
     out["tq3.5-nowin"] = KVPolicy("turboquant", bits=3.5, fp_window=0, sink=0, center=0)
     return out
 

@@ -67,6 +67,7 @@ QUESTION = "\n\nNow, what was the pass key? Answer: The pass key is"
 ALIASES = {
     "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
     "tq": default_policy(),
+    "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
     "tq-k4": tq_policy(4, 2),
     "tq-w0": tq_policy(4.5, 2, window=0),
     "tq-plain": tq_policy(4.5, 2, sink=0, window=0, center=0),
@@ -76,7 +77,7 @@ ALIASES = {
 
 def settings(names: str) -> dict[str, KVPolicy]:
     """``default`` (fp32 and the default TurboQuant), ``all``, or comma-separated aliases
-    (fp32, tq, tq-k4, tq-w0, tq-plain, affine4) or result names; fp32 always comes first."""
+    (fp32, tq, tq-t0, tq-k4, tq-w0, tq-plain, affine4) or result names; fp32 always comes first."""
     return choose(ALIASES, "tq" if names == "default" else names)
 
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--settings",
         default="default",
-        help="default | all | comma-separated: fp32, tq, tq-w0, tq-plain, affine4",
+        help="default | all | comma-separated: fp32, tq, tq-t0, tq-k4, tq-w0, tq-plain, affine4",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)

@@ -49,12 +49,13 @@ ALIASES = {
     "affine4": KVPolicy("affine", bits=4),
     "tq4": tq_policy(5, 3),
     "tq": default_policy(),
+    "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
     "tq-w0": tq_policy(4.5, 2, window=0),
 }
 
 
 def settings(names: str) -> dict[str, KVPolicy]:
-    """``all``, or comma-separated aliases (fp32, affine8, affine4, tq4, tq, tq-w0) or result
+    """``all``, or comma-separated aliases (fp32, affine8, affine4, tq4, tq, tq-t0, tq-w0) or result
     names; fp32 (the baseline of the ratios) always comes first."""
     return choose(ALIASES, names)
 
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="1024,4096,16384")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument(
-        "--settings", default="all", help="all | comma-separated: affine8, affine4, tq4, tq, tq-w0"
+        "--settings",
+        default="all",
+        help="all | comma-separated: affine8, affine4, tq4, tq, tq-t0, tq-w0",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)

@@ -14,8 +14,9 @@ context, get what the policy says:
   the ``center`` tokens after the sink (and, with ``center_block``, each later block of that
   many tokens on the mean of the block before it), key channels in ``key_tiers`` tiers by their
   variance over the centring tokens (strong channels get more of the key bits), codec ``mse``
-  (with norm correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py
-  chose on real weights (README: the rule and the numbers).
+  (with norm correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual). The defaults are
+  what benchmarks/quality.py and needle.py chose on real weights (README: the rule and the
+  numbers).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
    bit (QuantizedKVCache), TurboQuant 2.5 (the default)/3/3.5/4 code bits (K/V splits of
    gemma4_mlx.cache), with the default 4 first and 32 recent tokens exact (bf16), the centring
    means and 4 key channel tiers (one float16 norm each), the previous default (3.25: K4.5/V2,
-   one rotation and one norm) and 3.5 bits with no exact tokens, centring or tiers. Sliding layers keep a bf16 ring buffer.
+   one rotation and one norm) and 3.5 bits with no exact tokens, centring or tiers. Sliding
+   layers keep a bf16 ring buffer.
 2. Peak: for the 31B global-layer shape (32 q heads, 4 kv heads, head dim 512), growth of
    ``mx.get_peak_memory()`` beyond the cache during one decode step (32K and 128K cached tokens)
    and one 512-token prefill chunk (8K and 32K), TurboQuant vs mlx-lm's quantized path.

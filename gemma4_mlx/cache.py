@@ -28,6 +28,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
+from turboquant.cache import tiers_fit
 
 KV_KINDS = ("fp16", "affine", "turboquant")
 # Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
@@ -46,11 +47,6 @@ DEFAULT_SPLITS = {
 
 
 DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
-
-
-def tiers_fit(head_dim: int, n: int) -> bool:
-    """n key tiers split head_dim into halves down to head_dim / 2^(n-1) channels, in half bits."""
-    return head_dim % (1 << n) == 0 and head_dim >> (n - 1) >= 4
 
 
 @dataclass(frozen=True)
@@ -145,9 +141,9 @@ class KVPolicy:
         DEFAULT_TIERS) that fit (head dim divisible by 2^tiers, >= 4 channels a tier)."""
         n = self.nominal_tiers
         if self.key_tiers is None:
-            while n >= 2 and not tiers_fit(head_dim, n):
+            while n and not tiers_fit(head_dim, n):
                 n -= 1
-            return n if n >= 2 else 0
+            return n
         if n and not tiers_fit(head_dim, n):
             raise UserError(
                 f"--kv-key-tiers {n} needs a head dim divisible by {1 << n} with >= 4 channels "

@@ -63,6 +63,11 @@ class CompressedView:
         return (c.batch, c.n_kv_heads, self.offset, c.key_spec.dim)
 
 
+def tiers_fit(dim: int, n: int) -> bool:
+    """n tiers split dim into halves down to dim / 2^(n-1) channels (>= 4), in half bits."""
+    return n >= 2 and dim % (1 << n) == 0 and dim >> (n - 1) >= 4
+
+
 def tier_sizes(dim: int, n: int) -> list[int]:
     """Channels per tier, strongest first: dim/2^(n-1), dim/2^(n-1), dim/2^(n-2), ..., dim/2."""
     return [dim >> (n - 1)] + [dim >> (n - i) for i in range(1, n)]
@@ -79,7 +84,7 @@ def plan_tiers(energy: np.ndarray, bits: float, n: int) -> tuple[tuple[int, floa
     budget = bits * len(energy) - sum(b * c for b, c in zip(spent, sizes))
     while budget > 1e-9:
         gains = [
-            e * 4.0 ** -b / c if b < 8 and c / 2 <= budget + 1e-9 else -1.0
+            e * 4.0**-b / c if b < 8 and c / 2 <= budget + 1e-9 else -1.0
             for e, b, c in zip(tier_energy, spent, sizes)
         ]
         i = int(np.argmax(gains))
@@ -166,9 +171,7 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
     ):
         if key_tiers and not center:
             raise ValueError("key_tiers needs center > 0 (the centring tokens order the channels)")
-        if key_tiers and (
-            key_tiers < 2 or key_spec.dim % (1 << key_tiers) or key_spec.dim >> (key_tiers - 1) < 4
-        ):
+        if key_tiers and not tiers_fit(key_spec.dim, key_tiers):
             raise ValueError(
                 f"key_tiers must be >= 2 (0: off), 2^key_tiers must divide the head dim and leave "
                 f">= 4 channels a tier: {key_tiers} tiers of {key_spec.dim}"
@@ -296,9 +299,12 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
         self.key_spec = replace(self.key_spec, tiers=tiers)
         self.key_order = order.astype(mx.uint32)
 
-    def key_domain(self, x: mx.array) -> mx.array:
-        """(B, H, T, D) keys, queries or means in the order the key codes use."""
-        return x if self.key_order is None else _permute(x, self.key_order)
+    def key_domain(self, x: mx.array, inverse: bool = False) -> mx.array:
+        """(B, H, T, D) keys, queries or means in the order the key codes use (``inverse``: back
+        to the model's order)."""
+        if self.key_order is None:
+            return x
+        return _permute(x, mx.argsort(self.key_order, axis=-1) if inverse else self.key_order)
 
     def block_of(self, position: int) -> int:
         """Index of the mean that centres the compressed token at ``position``."""
@@ -408,13 +414,11 @@ class TurboQuantKVCache(mlx_cache._BaseCache):
             self.value_sum = mx.zeros_like(self.value_sum)
             return
         k_enc, v_enc = self.compressed_block(start - self.n_sink, n_quantized - self.n_sink)
-        for name, enc, spec, mean in (
-            ("key_sum", k_enc, self.key_spec, self.key_mean),
-            ("value_sum", v_enc, self.value_spec, self.value_mean),
+        keys = self.key_domain(decode(k_enc, self.key_spec), inverse=True)
+        for name, tokens, mean in (
+            ("key_sum", keys, self.key_mean),
+            ("value_sum", decode(v_enc, self.value_spec), self.value_mean),
         ):
-            tokens = decode(enc, spec)
-            if name == "key_sum" and self.key_order is not None:  # back to the model's order
-                tokens = _permute(tokens, mx.argsort(self.key_order, axis=-1))
             tokens = tokens + mean[:, :, b : b + 1].astype(mx.float32)
             setattr(self, name, tokens.sum(2, keepdims=True))
 

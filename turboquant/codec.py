@@ -56,17 +56,6 @@ class CodecSpec:
     def __post_init__(self):
         tiers = tuple((int(n), float(b)) for n, b in self.tiers)
         object.__setattr__(self, "tiers", tiers)  # JSON round trips give lists
-        if tiers:
-            if self.kind != "mse":
-                raise ValueError("channel tiers are for the MSE codec only")
-            if sum(n for n, _ in tiers) != self.dim or min(n for n, _ in tiers) < 4:
-                raise ValueError(f"tiers {tiers} must cover {self.dim} channels, >= 4 each")
-            mean = sum(n * b for n, b in tiers) / self.dim
-            if abs(mean - self.bits) > 1e-6:
-                raise ValueError(f"tiers {tiers} average {mean} bits, not bits={self.bits}")
-            for n, b in tiers:
-                CodecSpec(n, b)  # each tier must be a valid codec on its own
-            return
         if self.kind not in ("mse", "prod"):
             raise ValueError(f"codec kind must be 'mse' or 'prod', got {self.kind!r}")
         if self.qjl not in ("gaussian", "orthogonal"):
@@ -75,6 +64,17 @@ class CodecSpec:
         high = MAX_BITS + (1 if self.kind == "prod" else 0)
         if not low <= self.bits <= high:
             raise ValueError(f"{self.kind} codec bits must be in {low}..{high}, got {self.bits}")
+        if tiers:  # each tier is a codec of its own: its bits split over its channels
+            if self.kind != "mse":
+                raise ValueError("channel tiers are for the MSE codec only")
+            if sum(n for n, _ in tiers) != self.dim or min(n for n, _ in tiers) < 4:
+                raise ValueError(f"tiers {tiers} must cover {self.dim} channels, >= 4 each")
+            mean = sum(n * b for n, b in tiers) / self.dim
+            if abs(mean - self.bits) > 1e-6:
+                raise ValueError(f"tiers {tiers} average {mean} bits, not bits={self.bits}")
+            for n, b in tiers:
+                CodecSpec(n, b)
+            return
         n_high = (self.mse_bits - math.floor(self.mse_bits)) * self.dim
         if abs(n_high - round(n_high)) > 1e-6:
             raise ValueError(f"bits={self.bits} cannot be split exactly over {self.dim} channels")
@@ -152,10 +152,7 @@ class BlockRotation:
 
     def _apply(self, x: mx.array, inverse: bool) -> mx.array:
         return mx.concatenate(
-            [
-                (r.inverse if inverse else r.forward)(x[..., a : a + r.dim])
-                for a, r in self.parts
-            ],
+            [(r.inverse if inverse else r.forward)(x[..., a : a + r.dim]) for a, r in self.parts],
             axis=-1,
         )
 
@@ -170,16 +167,6 @@ def _block_norms(x: mx.array, spec: CodecSpec) -> mx.array:
     """(..., blocks) Euclidean norm of each block of channels."""
     return mx.concatenate(
         [mx.sqrt(mx.sum(x[..., a : a + n] ** 2, axis=-1, keepdims=True)) for a, n in spec.blocks],
-        axis=-1,
-    )
-
-
-def _per_channel(v: mx.array, spec: CodecSpec) -> mx.array:
-    """(..., blocks) -> (..., d): each block's value repeated over its channels."""
-    if len(spec.blocks) == 1:
-        return v
-    return mx.concatenate(
-        [mx.repeat(v[..., i : i + 1], n, axis=-1) for i, (_, n) in enumerate(spec.blocks)],
         axis=-1,
     )
 
@@ -247,18 +234,21 @@ def encode(x: mx.array, spec: CodecSpec, check_finite: bool = True) -> Encoded:
             raise ValueError("cannot encode non-finite values (NaN or inf)")
         if mx.max(norm).item() > FP16_MAX:
             raise ValueError(f"vector norm above {FP16_MAX} does not fit the float16 norm")
-    y = rotate(x / _per_channel(mx.maximum(norm, 1e-30), spec), spec)
-    codes, parts = [], []
-    for (start, count, bits), (_, block_dim) in zip(spec.groups, spec.group_block):
+    rotated, safe = rotate(x, spec), mx.maximum(norm, 1e-30)  # each block is rotated on its own
+    codes, units, parts = [], [], []
+    for (start, count, bits), (block, block_dim) in zip(spec.groups, spec.group_block):
         cb = codebook(block_dim, bits)
-        idx = _nearest(y[..., start : start + count], cb.boundaries_mx, bits)
+        unit = rotated[..., start : start + count] / safe[..., block : block + 1]
+        idx = _nearest(unit, cb.boundaries_mx, bits)
         codes.append(pack(idx, bits))
+        units.append(unit)
         parts.append(cb.centroids_mx[idx])
     y_hat = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if spec.kind == "mse":
         if spec.norm_correction:
             norm = norm / mx.maximum(_block_norms(y_hat, spec), 1e-30)
         return Encoded(tuple(codes), norm.astype(mx.float16))
+    y = units[0] if len(units) == 1 else mx.concatenate(units, axis=-1)  # prod: the unit vector
     residual = y - y_hat
     projected = residual @ _qjl_matrix(spec.dim, spec.seed, spec.qjl).T
     signs = pack((projected > 0).astype(mx.uint32), 1)
@@ -275,9 +265,7 @@ def decode_rotated(enc: Encoded, spec: CodecSpec) -> mx.array:
     parts = []
     norms = enc.norms.astype(mx.float32)
     tiered = len(spec.blocks) > 1
-    for code, (_, count, bits), (block, block_dim) in zip(
-        enc.codes, spec.groups, spec.group_block
-    ):
+    for code, (_, count, bits), (block, block_dim) in zip(enc.codes, spec.groups, spec.group_block):
         part = codebook(block_dim, bits).centroids_mx[unpack(code, bits, count)]
         parts.append(part * norms[..., block : block + 1] if tiered else part)
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)

@@ -54,7 +54,7 @@ def test_chunked_prefill_through_cache_matches_transformers(name, tiny_checkpoin
     tokens = _tokens(1, SEQ, seed=2)
     cache = model.make_cache()
     chunks = [tokens[:, i : i + 5] for i in range(0, SEQ, 5)]  # chunks straddle the window
-    outs = [np.array(model(mx.array(c), cache=cache, all_logits=True)) for c in chunks]
+    outs = [np.array(model(mx.array(c), cache=cache)) for c in chunks]
     _compare(
         name, "chunked prefill", np.concatenate(outs, axis=1), tiny.reference_logits(ref, tokens)
     )
@@ -82,3 +82,33 @@ def test_generate_step_matches_transformers_greedy(name, tiny_checkpoints):
     theirs = out[0, len(prompt) :].tolist()
     print(f"{name}: ours {ours}\n{name}: transformers {theirs}")
     assert ours == theirs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_multi_token_call_returns_every_position(name, tiny_checkpoints):
+    """The output shape never depends on the cache (E2B/E4B's consumer-layer skip is internal);
+    ``last_only`` is the explicit fast path and gives the last row of the full call."""
+    path, _ = tiny_checkpoints(name)
+    model, _ = load_model(path)
+    tokens = mx.array(_tokens(1, 9, seed=4))
+    full = model(tokens, cache=model.make_cache())
+    assert full.shape[1] == 9
+    last = model(tokens, cache=model.make_cache(), last_only=True)
+    assert last.shape[1] == 1
+    err = float(mx.abs(full[:, -1:] - last).max())
+    print(f"{name}: last_only vs full call, last row max |diff| {err:.2e}")
+    assert err <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_layer_inputs_argument_equals_ids(name, tiny_checkpoints):
+    """mlx-lm's ``per_layer_inputs=`` (the token half of the PLE) gives the same logits as ids."""
+    path, _ = tiny_checkpoints(name)
+    model, _ = load_model(path)
+    text = model.language_model.model if hasattr(model, "language_model") else model.model
+    if not text.config.hidden_size_per_layer_input:
+        pytest.skip("no per-layer embeddings in this config")
+    tokens = mx.array(_tokens(1, 7, seed=5))
+    ref = model(tokens)
+    got = model(tokens, per_layer_inputs=text.embed_per_layer(tokens))
+    assert float(mx.abs(ref - got).max()) == 0.0

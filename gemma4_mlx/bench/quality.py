@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         n = min(CHUNK, max(lengths) - done)
         x = mx.array([tokens[done : done + n]])
         y = mx.array(tokens[done + 1 : done + n + 1])
-        ref = model(x, cache=caches["fp32"], all_logits=True)[0]
+        ref = model(x, cache=caches["fp32"])[0]
         for name, cache in caches.items():
-            logits = ref if name == "fp32" else model(x, cache=cache, all_logits=True)[0]
+            logits = ref if name == "fp32" else model(x, cache=cache)[0]
             accumulate(sums[name], logits, ref, y)
         done += n
         if done in lengths:

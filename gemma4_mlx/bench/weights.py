@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         n = min(CHUNK, max(lengths) - done)
         x = mx.array([tokens[done : done + n]])
         y = mx.array(tokens[done + 1 : done + n + 1])
-        ref = reference(x, cache=caches["float32"], all_logits=True)[0]
+        ref = reference(x, cache=caches["float32"])[0]
         for name, model in models.items():
-            logits = ref if name == "float32" else model(x, cache=caches[name], all_logits=True)[0]
+            logits = ref if name == "float32" else model(x, cache=caches[name])[0]
             accumulate(sums[name], logits, ref, y)
         done += n
         if done in lengths:

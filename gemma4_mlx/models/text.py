@@ -208,6 +208,14 @@ class DecoderLayer(nn.Module):
         return h, kv
 
 
+def _last_row(mask: Any) -> Any:
+    """The mask of the last query alone: "causal" lets it see every key; an array (a sliding
+    window shorter than the keys) keeps its last row."""
+    if isinstance(mask, mx.array):
+        return mask[..., -1:, :]
+    return None
+
+
 class TextModel(nn.Module):
     """Embeddings (+ per-layer embeddings), the layer stack and the final norm."""
 
@@ -230,14 +238,22 @@ class TextModel(nn.Module):
             t: next(s.index for s in cfg.layers if s.layer_type == t) for t in set(cfg.layer_types)
         }
 
-    def _per_layer_inputs(self, ids: mx.array, h: mx.array) -> mx.array:
-        """(B, L, n_layers, ple): (norm(proj(h) * H^-0.5) + embed_pl(ids) * sqrt(ple)) * 2^-0.5."""
+    def embed_per_layer(self, ids: mx.array) -> mx.array:
+        """(B, L, n_layers, ple): the token half of the per-layer inputs, embed_pl(ids) * sqrt(ple).
+
+        mlx-lm's ``per_layer_inputs``; a multimodal model passes it with the pad id at media slots.
+        """
+        n = self.config.num_hidden_layers
+        tok = self.embed_tokens_per_layer(ids)
+        tok = tok * mx.array(self._ple**0.5, dtype=tok.dtype)
+        return tok.reshape(*ids.shape, n, self._ple)
+
+    def _mix_per_layer(self, h: mx.array, tok: mx.array) -> mx.array:
+        """(B, L, n_layers, ple): (norm(proj(h) * H^-0.5) + tok) * 2^-0.5."""
         cfg, n = self.config, self.config.num_hidden_layers
-        tok = self.embed_tokens_per_layer(ids) * mx.array(self._ple**0.5, dtype=h.dtype)
-        tok = tok.reshape(*ids.shape, n, self._ple)
         ctx = self.per_layer_model_projection(h) * (cfg.hidden_size**-0.5)
         ctx = self.per_layer_projection_norm(ctx.reshape(*h.shape[:-1], n, self._ple))
-        return (ctx + tok) * (2.0**-0.5)
+        return (ctx + tok.astype(ctx.dtype)) * (2.0**-0.5)
 
     def _masks(self, h: mx.array, cache: list) -> dict[str, Any]:
         masks = {}
@@ -251,40 +267,65 @@ class TextModel(nn.Module):
         inputs: mx.array | None,
         cache=None,
         input_embeddings: mx.array | None = None,
-        all_logits: bool = False,
+        per_layer_inputs: mx.array | None = None,
+        last_only: bool = False,
     ):
-        cfg = self.config
+        """Hidden states (B, L, H) for every position, or (B, 1, H) with ``last_only``.
+
+        ``input_embeddings`` are unscaled token embeddings (mlx-lm's convention: the model
+        multiplies them by sqrt(H)); ``per_layer_inputs`` is ``embed_per_layer(ids)``.
+        """
         if input_embeddings is None:
             input_embeddings = self.embed_tokens(inputs)
         dtype = input_embeddings.dtype
         # sqrt(hidden) rounded to the weight dtype, as the reference does (bf16: sqrt(1536) -> 39.25)
-        h = input_embeddings * mx.array(cfg.hidden_size**0.5, dtype=dtype)
+        h = input_embeddings * mx.array(self.config.hidden_size**0.5, dtype=dtype)
+        return self.decode(h, inputs, cache, per_layer_inputs, last_only)
+
+    def decode(
+        self,
+        h: mx.array,
+        inputs: mx.array | None = None,
+        cache=None,
+        per_layer_inputs: mx.array | None = None,
+        last_only: bool = False,
+    ) -> mx.array:
+        """The layer stack over already-scaled embeddings h (B, L, H): the entry point of a
+        multimodal model, whose soft tokens are not scaled by sqrt(H)."""
+        cfg = self.config
         per_layer = None
         if self._ple:
-            if inputs is None:
-                raise ValueError(
-                    "per-layer embeddings need token ids (inputs), not only embeddings"
-                )
-            per_layer = self._per_layer_inputs(inputs, h)
+            if per_layer_inputs is None:
+                if inputs is None:
+                    raise ValueError(
+                        "per-layer embeddings need token ids (inputs) or per_layer_inputs"
+                    )
+                per_layer_inputs = self.embed_per_layer(inputs)
+            per_layer = self._mix_per_layer(h, per_layer_inputs)
 
         cache = list(cache) if cache is not None else []
         cache = cache + [None] * (len(self.layers) - len(cache))
         masks = self._masks(h, cache)
         kvs: list[tuple | None] = [None] * len(self.layers)
-        first_shared = cfg.first_kv_shared_layer
+        # Consumers of shared K/V write no cache, so when only the last position is wanted
+        # they run on it alone (an internal fast path of prefill; the output keeps its meaning).
+        cut = cfg.first_kv_shared_layer if cfg.num_kv_shared_layers else None
+        dropped = 0  # leading positions cut off: the last query's RoPE position moves by this
         for i, layer in enumerate(self.layers):
             spec = layer.spec
-            skip = not all_logits and cache[0] is not None and h.shape[1] > 1
-            if i == first_shared and cfg.num_kv_shared_layers and skip:
-                # Consumers write no cache: during a cached prefill only the last position's
-                # output is needed from here on (generate_step reads the last logits only).
-                # Pass all_logits=True for every position (perplexity, scoring).
+            if last_only and i == cut and h.shape[1] > 1:
+                dropped = h.shape[1] - 1
                 h = h[:, -1:]
                 per_layer = per_layer[:, -1:] if per_layer is not None else None
-                masks = {t: None for t in masks}
-            shared = kvs[spec.kv_source] if spec.is_kv_shared else None
+                masks = {t: _last_row(m) for t, m in masks.items()}
+            shared = None
+            if spec.is_kv_shared:
+                keys, values, offset, producer = kvs[spec.kv_source]
+                shared = (keys, values, offset + dropped, producer)
             pli = per_layer[:, :, i] if per_layer is not None else None
             h, kvs[i] = layer(h, masks[spec.layer_type], cache[i], shared, pli)
+        if last_only:
+            h = h[:, -1:]
         return self.norm(h)
 
 
@@ -304,13 +345,16 @@ class CausalLM(nn.Module):
         inputs: mx.array,
         cache=None,
         input_embeddings: mx.array | None = None,
-        all_logits: bool = False,
+        per_layer_inputs: mx.array | None = None,
+        last_only: bool = False,
     ):
-        """Logits (B, L, vocab). With a cache and KV-shared layers (E2B/E4B), a multi-token call
-        returns only the last position unless ``all_logits`` is set."""
-        h = self.model(
-            inputs, cache=cache, input_embeddings=input_embeddings, all_logits=all_logits
-        )
+        """Logits (B, L, vocab) for every input position, with or without a cache;
+        ``last_only`` gives (B, 1, vocab) and skips work no other position needs."""
+        h = self.model(inputs, cache, input_embeddings, per_layer_inputs, last_only)
+        return self.logits(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Final hidden states (B, L, H) -> softcapped logits (B, L, vocab)."""
         logits = self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
         if self.config.final_logit_softcapping:
             logits = softcap(logits, self.config.final_logit_softcapping)
@@ -431,11 +475,10 @@ class MultimodalWrapper(nn.Module):
         inputs: mx.array,
         cache=None,
         input_embeddings: mx.array | None = None,
-        all_logits: bool = False,
+        per_layer_inputs: mx.array | None = None,
+        last_only: bool = False,
     ):
-        return self.language_model(
-            inputs, cache=cache, input_embeddings=input_embeddings, all_logits=all_logits
-        )
+        return self.language_model(inputs, cache, input_embeddings, per_layer_inputs, last_only)
 
     @property
     def layers(self):

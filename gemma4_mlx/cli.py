@@ -1,6 +1,9 @@
-"""``gemma4-mlx``: generate, chat, convert.
+"""``gemma4-mlx``: generate, chat, convert, bench.
 
-Every user error is one line on stderr (``error: ...``) and exit status 2, never a traceback.
+Every user error is one line on stderr (``error: ...``) and exit status 2, never a traceback;
+Ctrl-C is ``interrupted`` and exit status 130, from the first import on. Heavy modules (mlx_lm,
+transformers, the model code) are imported inside the commands, after the options are checked,
+so ``--help``, ``--version`` and option errors return in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -8,9 +11,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import typer
+try:  # Ctrl-C while Python is still importing gets the same one word as later on
+    import typer
 
-from gemma4_mlx.errors import UserError
+    from gemma4_mlx.errors import BadArgument, UserError
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
+
+
+def finite_float(text: str) -> float:
+    """A float option that refuses nan and inf (they pass every range check, then sample
+    garbage). Used by every float option."""
+    import math
+
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not a finite number")
+    return number
+
+
+def dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise ValueError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+FLAG = ""  # metavar of on/off options: they take no value, so the help shows none
 
 app = typer.Typer(
     add_completion=False,
@@ -19,6 +50,31 @@ app = typer.Typer(
     help="Gemma 4 on MLX with a TurboQuant-compressed KV cache.",
 )
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        from gemma4_mlx import __version__
+
+        typer.echo(f"gemma4-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        callback=_show_version,
+        is_eager=True,
+        metavar=FLAG,
+        help="Print the version and exit.",
+    ),
+):
+    """Gemma 4 on MLX with a TurboQuant-compressed KV cache."""
+
+
+# Options shared by generate and chat: declared once here, listed in both signatures.
 MODEL = typer.Option(
     "demo", "--model", "-m", help="Model directory, hub repo id, or 'demo' (offline Gemma 3 270M)."
 )
@@ -26,10 +82,17 @@ KV_CACHE = typer.Option(
     "fp16", "--kv-cache", help="fp16 (model dtype) | affine (mlx-lm) | turboquant."
 )
 KV_BITS = typer.Option(
-    None, "--kv-bits", help="Average K/V bits (turboquant: 3.5 means K5/V2) or affine bits."
+    None,
+    "--kv-bits",
+    parser=finite_float,
+    help="Average K/V bits (turboquant: 3.5 means K5/V2) or affine bits.",
 )
-KEY_BITS = typer.Option(None, "--key-bits", help="TurboQuant key bits (overrides the split).")
-VALUE_BITS = typer.Option(None, "--value-bits", help="TurboQuant value bits (overrides the split).")
+KEY_BITS = typer.Option(
+    None, "--key-bits", parser=finite_float, help="TurboQuant key bits (overrides the split)."
+)
+VALUE_BITS = typer.Option(
+    None, "--value-bits", parser=finite_float, help="TurboQuant value bits (overrides the split)."
+)
 KV_WINDOW = typer.Option(
     None, "--kv-window", help="TurboQuant: recent tokens each query reads exact (default: policy)."
 )
@@ -56,7 +119,31 @@ KV_KEY_TIERS = typer.Option(
 KV_CODEC = typer.Option(
     "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
 )
-DTYPE = typer.Option(None, "--dtype", help="Cast weights: float32 | bfloat16 | float16.")
+DTYPE = typer.Option(
+    None,
+    "--dtype",
+    parser=dtype_name,
+    help="Cast weights: float32 | bfloat16 | float16.",
+)
+SYSTEM = typer.Option(None, "--system", help="System prompt (needs a chat template).")
+TEMP = typer.Option(
+    None, "--temp", parser=finite_float, help="Temperature (default: generation_config or 0)."
+)
+TOP_P = typer.Option(None, "--top-p", parser=finite_float, help="Nucleus sampling: (0, 1].")
+TOP_K = typer.Option(None, "--top-k", help="Sample from the k most likely tokens; 0: off.")
+MIN_P = typer.Option(None, "--min-p", parser=finite_float, help="Minimum probability: [0, 1].")
+SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+THINKING = typer.Option(
+    False,
+    "--thinking/--no-thinking",
+    metavar=FLAG,
+    help="Let the model think first (needs a chat template with a thinking mode).",
+)
+CHAT_TEMPLATE = typer.Option(
+    None,
+    "--chat-template",
+    help="Jinja chat template file (default: the tokenizer's own; none: raw continuation).",
+)
 
 
 def _policy(options: dict):
@@ -81,25 +168,69 @@ def _policy(options: dict):
     )
 
 
-def _sampling(model_dir: Path, temp, top_p, top_k, min_p, seed):
+def _sampling(model_dir: Path | None, temp, top_p, top_k, min_p, seed):
+    """The sampling options: the user's, else generation_config.json's, else neutral; checked.
+    With ``model_dir=None`` (before the model is found) only the user's values are checked."""
     from gemma4_mlx.generate import SamplingOptions, generation_defaults
 
     defaults = generation_defaults(model_dir)
-    return SamplingOptions(
+    sampling = SamplingOptions(
         temp=temp if temp is not None else defaults.get("temp", 0.0),
         top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
         top_k=top_k if top_k is not None else defaults.get("top_k", 0),
         min_p=min_p if min_p is not None else defaults.get("min_p", 0.0),
         seed=seed,
     )
+    sampling.validate()
+    return sampling
 
 
-def _load(model: str, dtype: str | None):
+def _load(model: str, dtype: str | None, quiet: bool):
     from gemma4_mlx.loading import load_model, load_tokenizer, resolve_model_path
 
+    if model == "demo" and not Path(model).is_dir():
+        from gemma4_mlx.demo import ensure_demo_model
+
+        ensure_demo_model(progress=None if quiet else _note)
     model_dir = resolve_model_path(model)
     m, config = load_model(model_dir, dtype=dtype)
     return model_dir, m, load_tokenizer(model_dir, config)
+
+
+def _note(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+def _decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+def _read_prompt(prompt: str) -> str:
+    """``-p TEXT``, or ``-p -``: stdin, less the one newline that ends a piped line or file."""
+    if prompt == "-":
+        return _decode(sys.stdin.buffer.read(), "the prompt (stdin)").removesuffix("\n")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raw = prompt.encode("utf-8", "surrogateescape")
+        return _decode(raw, "the prompt")
+    return prompt
+
+
+def _read_template(path: Path | None, raw: bool) -> str | None:
+    if path is None:
+        return None
+    if raw:
+        raise UserError("--raw and --chat-template contradict each other: pass one")
+    try:
+        return _decode(path.read_bytes(), f"{path}")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the chat template ({e.strerror})") from None
 
 
 @app.command()
@@ -108,21 +239,18 @@ def generate(
     prompt: str = typer.Option(
         ..., "--prompt", "-p", help="The prompt, or '-' to read it from stdin."
     ),
-    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    system: str | None = SYSTEM,
     max_tokens: int = typer.Option(256, "--max-tokens", help="Maximum tokens to generate."),
-    temp: float | None = typer.Option(
-        None, "--temp", help="Temperature (default: generation_config or 0)."
-    ),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    min_p: float | None = typer.Option(None, "--min-p"),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
-    thinking: bool = typer.Option(
-        False, "--thinking/--no-thinking", help="Let the model think first."
-    ),
+    temp: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    top_k: int | None = TOP_K,
+    min_p: float | None = MIN_P,
+    seed: int | None = SEED,
+    thinking: bool = THINKING,
     raw: bool = typer.Option(
-        False, "--raw", help="Feed the prompt as is, without the chat template."
+        False, "--raw", metavar=FLAG, help="Feed the prompt as is, without the chat template."
     ),
+    chat_template: Path | None = CHAT_TEMPLATE,
     kv_cache: str = KV_CACHE,
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
@@ -137,30 +265,40 @@ def generate(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
     ),
     json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON object instead of streaming text."
+        False, "--json", metavar=FLAG, help="Print one JSON object instead of streaming text."
     ),
     dtype: str | None = DTYPE,
 ):
-    """Generate text from a prompt, streamed to the terminal."""
-    from gemma4_mlx.generate import generate as run_generate
-    from gemma4_mlx.generate import memory_warning
-    from gemma4_mlx.tokenizer import build_prompt
+    """Generate text from a prompt, streamed to the terminal.
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise UserError("the prompt is empty")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    The prompt goes through the tokenizer's chat template when it has one; a base model (no
+    template, like the demo) continues it as raw text."""
+    from gemma4_mlx.generate import (
+        check_context,
+        check_max_tokens,
+        check_prompt_text,
+        memory_warning,
+    )
+    from gemma4_mlx.generate import generate as run_generate
+    from gemma4_mlx.tokenizer import NO_TEMPLATE_NOTE, build_prompt, prompt_template
+
+    # Everything the options alone decide is checked before the model loads.
+    prompt = _read_prompt(prompt)
+    check_prompt_text(prompt)
+    check_max_tokens(max_tokens)
+    _sampling(None, temp, top_p, top_k, min_p, seed)
+    template_text = _read_template(chat_template, raw)
     policy = _policy(locals())
-    model_dir, m, tokenizer = _load(model, dtype)
+    model_dir, m, tokenizer = _load(model, dtype, quiet=json_out)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
-    sampling.validate()
-    use_template = not raw and _has_template(tokenizer)
-    tokens = build_prompt(tokenizer, prompt, system=system, thinking=thinking, raw=not use_template)
+    template = prompt_template(tokenizer, template_text, raw, system, thinking)
+    tokens = build_prompt(tokenizer, prompt, system, thinking, raw, chat_template=template_text)
+    check_context(m, len(tokens), max_tokens)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
-        typer.echo(warning, err=True)
+        _note(warning)
+    if template is None and not raw and not json_out:
+        _note(NO_TEMPLATE_NOTE)
     progress = None if json_out or not sys.stderr.isatty() else _progress_bar()
     stream = None if json_out else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     result = run_generate(
@@ -178,22 +316,11 @@ def generate(
         typer.echo(result.to_json())
     else:
         sys.stdout.write("\n")
-        typer.echo(
+        _note(
             f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} prefilled) at "
             f"{result.prompt_tps:.1f} tok/s, {len(result.tokens)} generated at {result.generation_tps:.1f} tok/s, "
-            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}]",
-            err=True,
+            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}]"
         )
-
-
-def _has_template(tokenizer) -> bool:
-    from gemma4_mlx.tokenizer import chat_template
-
-    try:
-        chat_template(tokenizer)
-        return True
-    except UserError:
-        return False
 
 
 def _progress_bar():
@@ -209,17 +336,21 @@ def _progress_bar():
     return show
 
 
+CHAT_COMMANDS = "/reset, /save [PATH], /quit (start a message with // to send a leading /)"
+
+
 @app.command()
 def chat(
     model: str = MODEL,
-    system: str | None = typer.Option(None, "--system"),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
-    temp: float | None = typer.Option(None, "--temp"),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    min_p: float | None = typer.Option(None, "--min-p"),
-    seed: int | None = typer.Option(None, "--seed"),
-    thinking: bool = typer.Option(False, "--thinking/--no-thinking"),
+    system: str | None = SYSTEM,
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Maximum tokens per answer."),
+    temp: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    top_k: int | None = TOP_K,
+    min_p: float | None = MIN_P,
+    seed: int | None = SEED,
+    thinking: bool = THINKING,
+    chat_template: Path | None = CHAT_TEMPLATE,
     kv_cache: str = KV_CACHE,
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
@@ -232,11 +363,18 @@ def chat(
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit."""
-    from gemma4_mlx.generate import Chat
+    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit.
 
+    An error in a turn or a command is one line and the conversation goes on; Ctrl-C during an
+    answer stops that answer."""
+    from gemma4_mlx.generate import Chat, check_max_tokens
+    from gemma4_mlx.tokenizer import NO_TEMPLATE_NOTE
+
+    check_max_tokens(max_tokens)
+    _sampling(None, temp, top_p, top_k, min_p, seed)
+    template_text = _read_template(chat_template, raw=False)
     policy = _policy(locals())
-    model_dir, m, tokenizer = _load(model, dtype)
+    model_dir, m, tokenizer = _load(model, dtype, quiet=False)
     session = Chat(
         m,
         tokenizer,
@@ -244,38 +382,58 @@ def chat(
         thinking=thinking,
         kv_policy=policy,
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
+        chat_template=template_text,
     )
+    if session.template is None:
+        _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             sys.stdout.write(">> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
+        data = sys.stdin.buffer.readline()
+        if not data:
             break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
+        try:
+            if _chat_line(session, _decode(data, "the line").strip(), max_tokens) == "quit":
+                break
+        except (UserError, OSError) as e:  # one line, and the conversation goes on
+            message = e.worded_for(_cli_names()) if isinstance(e, BadArgument) else e
+            _note(f"error: {message}")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            _note("[interrupted: answer stopped]")
+
+
+def _chat_line(session, line: str, max_tokens: int) -> str | None:
+    """One line of the REPL: a /command or a message. Returns "quit" to end the session."""
+    if not line:
+        return None
+    if line.startswith("/") and not line.startswith("//"):
+        command, _, argument = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return "quit"
+        if command == "/reset":
             session.reset()
-            typer.echo("[conversation reset]", err=True)
-            continue
-        if line.startswith("/save"):
-            path = line.removeprefix("/save").strip() or "chat-cache.safetensors"
+            _note("[conversation reset]")
+        elif command == "/save":
+            path = argument.strip() or "chat-cache.safetensors"
             session.save(path)
-            typer.echo(f"[saved the conversation's KV cache to {path}]", err=True)
-            continue
-        result = session.send(
-            line, max_tokens=max_tokens, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush())
-        )
-        sys.stdout.write("\n")
-        typer.echo(
-            f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "
-            f"{result.generation_tps:.1f} tok/s]",
-            err=True,
-        )
+            _note(f"[saved the conversation's KV cache to {path}]")
+        else:
+            raise UserError(f"unknown command {command}: the commands are {CHAT_COMMANDS}")
+        return None
+    result = session.send(
+        line.removeprefix("/"),
+        max_tokens=max_tokens,
+        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+    )
+    sys.stdout.write("\n")
+    _note(
+        f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "
+        f"{result.generation_tps:.1f} tok/s]"
+    )
+    return None
 
 
 @app.command()
@@ -286,31 +444,53 @@ def convert(
     mlx_path: Path = typer.Option(
         ..., "--mlx-path", help="Output directory (must not exist unless --force)."
     ),
-    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the weights."),
-    q_bits: int = typer.Option(4, "--q-bits"),
-    q_group_size: int = typer.Option(64, "--q-group-size"),
-    q_mode: str = typer.Option("affine", "--q-mode", help="affine | mxfp4 | nvfp4 | mxfp8"),
+    quantize: bool = typer.Option(
+        False, "--quantize", "-q", metavar=FLAG, help="Quantize the weights."
+    ),
+    q_bits: int | None = typer.Option(None, "--q-bits", help="With -q: bits per weight [4]."),
+    q_group_size: int | None = typer.Option(
+        None, "--q-group-size", help="With -q: weights per scale [64]."
+    ),
+    q_mode: str | None = typer.Option(
+        None, "--q-mode", help="With -q: affine | mxfp4 | nvfp4 | mxfp8 [affine]."
+    ),
     dtype: str | None = DTYPE,
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = typer.Option(
+        False, "--force", metavar=FLAG, help="Replace an existing output directory."
+    ),
     upload_repo: str | None = typer.Option(
         None, "--upload-repo", help="Upload the result to this hub repo."
     ),
 ):
     """Convert (and optionally quantize) a checkpoint into an MLX directory mlx-lm can also load."""
+    given = [
+        flag
+        for flag, value in (
+            ("--q-bits", q_bits),
+            ("--q-group-size", q_group_size),
+            ("--q-mode", q_mode),
+        )
+        if value is not None
+    ]
+    if given and not quantize:
+        raise UserError(f"{', '.join(given)} only apply with --quantize (-q)")
     from gemma4_mlx.convert import convert as run_convert
 
     out = run_convert(
         hf_path,
         mlx_path,
         quantize=quantize,
-        q_bits=q_bits,
-        q_group_size=q_group_size,
-        q_mode=q_mode,
+        q_bits=4 if q_bits is None else q_bits,
+        q_group_size=64 if q_group_size is None else q_group_size,
+        q_mode=q_mode or "affine",
         dtype=dtype,
         force=force,
         upload_repo=upload_repo,
     )
     typer.echo(f"wrote {out}")
+
+
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights"
 
 
 @app.command(
@@ -320,44 +500,59 @@ def convert(
 def bench(
     ctx: typer.Context,
     name: str = typer.Argument(
-        ...,
-        help="quality | needle | speed | memory | distortion | weights (then its own options, or --help)",
+        "--help", help=f"{BENCH_HELP} (then its own options, or --help)", show_default=False
     ),
 ):
     """Run a benchmark (JSON + PNG under --out, default benchmarks/results; --quick for a smoke run)."""
     from gemma4_mlx.bench import BENCHMARKS, run
 
+    if name in ("--help", "-h"):
+        typer.echo(ctx.get_help())
+        return
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
     try:
-        run(name, list(ctx.args))
+        run(name, list(ctx.args), prog=f"gemma4-mlx bench {name}")
     except SystemExit as e:  # argparse: --help (0) or a bad option (2, message already printed)
+        if isinstance(e.code, str):  # SystemExit("error: ..."): the one line is the message
+            raise UserError(e.code.removeprefix("error: ")) from None
         if e.code not in (0, None):
             raise typer.Exit(2) from None
 
 
+def _cli_names() -> dict[str, str]:
+    """API argument name -> how the CLI names it, for ``BadArgument`` messages."""
+    names = {"prompt": "the prompt", "text": "the message", "thinking": "--thinking"}
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            long = [o for o in param.opts if o.startswith("--")]
+            if param.name and long:
+                names.setdefault(param.name, long[0])
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line and exit status 2."""
+    """Console entry point: user errors become one line and exit status 2, Ctrl-C 130."""
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
+    except BadArgument as e:
+        typer.echo(f"error: {e.worded_for(_cli_names())}", err=True)
+        sys.exit(2)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        typer.echo("interrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.TyperException as e:  # bad option values, missing options (click's errors)
-        message = e.format_message()
+        message = e.format_message().replace(": Value error, ", ": ")  # a parser's ValueError
         if message:  # an empty message is the help text shown for a bare command
             typer.echo(f"error: {message}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

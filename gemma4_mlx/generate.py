@@ -8,20 +8,23 @@ prompt-cache files, thinking/tool-call parsing, and a Chat that keeps its cache 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate as mlx_stream_generate
-from mlx_lm.sample_utils import make_sampler
 
-from gemma4_mlx.cache import KVPolicy, cache_layers
-from gemma4_mlx.errors import UserError
+from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
+
+# mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
+# transformers (and torch, where it is installed), seconds that `gemma4-mlx --help` must not pay.
+if TYPE_CHECKING:
+    from gemma4_mlx.cache import KVPolicy
 
 
 @dataclass
@@ -53,14 +56,69 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> None:
+        for name in ("temp", "top_p", "min_p"):
+            _check_number(name, getattr(self, name))
+        _check_int("top_k", self.top_k)
+        if self.seed is not None:
+            _check_int("seed", self.seed)
         if self.temp < 0:
-            raise UserError(f"--temp must be >= 0, got {self.temp}")
+            raise BadArgument("temp", f"must be >= 0, got {self.temp}")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise BadArgument("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+            raise BadArgument("top_k", f"must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
-            raise UserError(f"--min-p must be in [0, 1], got {self.min_p}")
+            raise BadArgument("min_p", f"must be in [0, 1], got {self.min_p}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    """A finite real number (nan and inf pass every comparison check: refuse them first)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadArgumentType(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise BadArgument(name, f"must be a finite number, got {value}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadArgumentType(name, f"must be an int, got {value!r}")
+
+
+def check_max_tokens(max_tokens: Any) -> None:
+    _check_int("max_tokens", max_tokens)
+    if max_tokens < 1:
+        raise BadArgument("max_tokens", f"must be >= 1, got {max_tokens}")
+
+
+def check_prompt_text(prompt: str) -> None:
+    if not prompt.strip():
+        raise BadArgument("prompt", "is empty")
+
+
+def prompt_ids(model: Any, tokenizer: Any, prompt: Any) -> list[int]:
+    """``prompt`` (text, encoded raw as in mlx-lm, or token ids) -> checked token ids.
+
+    Ids outside the vocabulary would index past the embedding table (a crash, not an error)."""
+    if isinstance(prompt, str):
+        check_prompt_text(prompt)
+        return list(tokenizer.encode(prompt))
+    if isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise BadArgumentType(
+            "prompt", f"must be a str or a list of token ids, got {type(prompt).__name__}"
+        )
+    if not prompt:
+        raise BadArgument("prompt", "is empty")
+    vocab = model.config.vocab_size
+    for token in prompt:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise BadArgumentType("prompt", f"token ids must be ints, got {token!r}")
+        if not 0 <= token < vocab:
+            raise BadArgument(
+                "prompt", f"token id {token} is outside the vocabulary (0..{vocab - 1})"
+            )
+    return list(prompt)
 
 
 def generation_defaults(model_dir: Path | None) -> dict:
@@ -82,6 +140,8 @@ def generation_defaults(model_dir: Path | None) -> dict:
 
 def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
     """Estimated KV bytes per token of context (global layers; sliding layers are bounded)."""
+    from gemma4_mlx.cache import cache_layers
+
     config = model.config
     dtype_bytes = model.model.embed_tokens.weight.dtype.size if hasattr(model, "model") else 2
     total = 0.0
@@ -114,14 +174,15 @@ def memory_warning(model_dir: Path, model: Any, policy: KVPolicy, context: int) 
     return None
 
 
-def _check_context(model: Any, n_prompt: int, max_tokens: int) -> None:
+def check_context(model: Any, n_prompt: int, max_tokens: int) -> None:
     limit = model.config.max_position_embeddings
     if n_prompt == 0:
-        raise UserError("the prompt is empty")
+        raise BadArgument("prompt", "is empty")
     if n_prompt + max_tokens > limit:
-        raise UserError(
-            f"prompt ({n_prompt} tokens) + --max-tokens ({max_tokens}) exceeds the model's "
-            f"context of {limit} tokens"
+        raise BadArgument(
+            "max_tokens",
+            f"({max_tokens}) + the prompt ({n_prompt} tokens) exceeds the model's context of "
+            f"{limit} tokens",
         )
 
 
@@ -136,12 +197,14 @@ def stream_generate(
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Any]:
     """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects."""
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
     sampling = sampling or SamplingOptions()
     sampling.validate()
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    _check_context(model, len(tokens), max_tokens)
+    check_max_tokens(max_tokens)
+    tokens = prompt_ids(model, tokenizer, prompt)
+    check_context(model, len(tokens), max_tokens)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
@@ -201,8 +264,13 @@ def generate(
     With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
     """
+    from gemma4_mlx.cache import KVPolicy
+
     policy = kv_policy or KVPolicy()
-    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    check_max_tokens(max_tokens)
+    (sampling or SamplingOptions()).validate()
+    tokens = prompt_ids(model, tokenizer, prompt)
+    check_context(model, len(tokens), max_tokens)
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
         cache, reused = _load_prefix(Path(prompt_cache_file), tokens)
@@ -211,7 +279,6 @@ def generate(
     remaining = tokens[reused:]
     if prompt_cache_file is not None and reused == 0:
         # Prefill the prompt once, save it, then generate from the saved state.
-        _check_context(model, len(tokens), max_tokens)
         _prefill(model, cache, tokens[:-1])
         _save_prefix(Path(prompt_cache_file), cache, tokens[:-1])
         remaining = tokens[-1:]
@@ -276,6 +343,16 @@ class Chat:
     cache: list[Any] | None = None
     cached_tokens: list[int] = field(default_factory=list)
     last_prefilled: int = 0
+    # None: the tokenizer's own template; a tokenizer without one chats by raw continuation
+    # (each message continues the text), the rule of gemma4_mlx.tokenizer.
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        from gemma4_mlx.tokenizer import prompt_template
+
+        self.template = prompt_template(
+            self.tokenizer, self.chat_template, system=self.system, thinking=self.thinking
+        )
 
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens = [], None, []
@@ -288,16 +365,24 @@ class Chat:
         the answer can never force a re-prefill."""
         from gemma4_mlx.tokenizer import conversation_tokens, encode_rendered, render_chat
 
+        template, thinking = self.template, self.thinking
+        if template is None:  # raw continuation: each message is a new line of the text
+            if self.cache is None or not self.cached_tokens:
+                text = "".join(
+                    ("\n" if i and m["role"] == "user" else "") + m["content"]
+                    for i, m in enumerate(messages)
+                )
+                return list(self.tokenizer.encode(text)), 0
+            new = encode_rendered(self.tokenizer, "\n" + messages[-1]["content"])
+            return self.cached_tokens + new, len(self.cached_tokens)
         if self.cache is None or not self.messages or self.messages[-1]["role"] != "assistant":
-            return conversation_tokens(self.tokenizer, messages, thinking=self.thinking), 0
-        history = render_chat(
-            self.tokenizer, self.messages, self.thinking, add_generation_prompt=False
-        )
-        full = render_chat(self.tokenizer, messages, self.thinking, add_generation_prompt=True)
+            return conversation_tokens(self.tokenizer, messages, thinking, None, template), 0
+        history = render_chat(self.tokenizer, self.messages, thinking, False, None, template)
+        full = render_chat(self.tokenizer, messages, thinking, True, None, template)
         answer = self.messages[-1]["content"]
         end = history.rfind(answer) + len(answer) if answer else -1
         if not full.startswith(history) or end < len(answer):
-            return conversation_tokens(self.tokenizer, messages, thinking=self.thinking), 0
+            return conversation_tokens(self.tokenizer, messages, thinking, None, template), 0
         tail = history[end:]  # e.g. "<turn|>\n": the template's end of the model's turn
         stop = self.cached_tokens[-1]
         if stop in getattr(self.tokenizer, "eos_token_ids", ()):
@@ -310,8 +395,12 @@ class Chat:
     def send(
         self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:
+        from gemma4_mlx.cache import KVPolicy
+
+        if not isinstance(text, str):
+            raise BadArgumentType("text", f"must be a str, got {type(text).__name__}")
         if not text.strip():
-            raise UserError("the message is empty")
+            raise BadArgument("text", "is empty")
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
@@ -320,14 +409,26 @@ class Chat:
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
         new = tokens[common:]
+        check_max_tokens(max_tokens)
+        check_context(self.model, len(tokens), max_tokens)
         pieces, responses = [], []
-        for r in stream_generate(
-            self.model, self.tokenizer, new, max_tokens, self.sampling, self.cache, self.kv_policy
-        ):
-            pieces.append(r.text)
-            responses.append(r)
-            if on_text is not None and r.text:
-                on_text(r.text)
+        try:
+            for r in stream_generate(
+                self.model,
+                self.tokenizer,
+                new,
+                max_tokens,
+                self.sampling,
+                self.cache,
+                self.kv_policy,
+            ):
+                pieces.append(r.text)
+                responses.append(r)
+                if on_text is not None and r.text:
+                    on_text(r.text)
+        except BaseException:  # an error or Ctrl-C mid-turn: the next turn re-prefills
+            self.cache, self.cached_tokens = None, []
+            raise
         result = _finish(
             pieces, responses, len(tokens), len(new), self.kv_policy or KVPolicy(), self.cache
         )

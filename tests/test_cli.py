@@ -14,7 +14,8 @@ def run_cli(args, capsys, stdin=None, monkeypatch=None):
     if stdin is not None:
         import io
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        data = stdin if isinstance(stdin, bytes) else stdin.encode()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     with pytest.raises(SystemExit) as exit_info:
         main(args)
         raise SystemExit(0)

@@ -30,6 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser, positive_ints
 from gemma4_mlx.bench.common import (
     accumulate,
     corpus_text,
@@ -78,13 +79,13 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--lengths", type=positive_ints, default="1024,4096")
     ap.add_argument(
         "--long",
         action="store_true",
@@ -92,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    lengths = [512] if args.quick else [int(x) for x in args.lengths.split(",")]
+    lengths = [512] if args.quick else args.lengths
+    if any(n % CHUNK for n in lengths):
+        ap.error(
+            f"argument --lengths: expected multiples of {CHUNK} (the chunk size), got {lengths}"
+        )
     if args.long:
         lengths = [1024, 4096, 16384]
     model, tokenizer = load(args.model, dtype="float32")

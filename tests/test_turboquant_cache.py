@@ -6,7 +6,6 @@ import pytest
 import tiny
 
 from gemma4_mlx.cache import KVPolicy
-from gemma4_mlx.errors import UserError
 from gemma4_mlx.loading import load_model
 from turboquant import attention as tq_attention
 from turboquant.cache import (
@@ -393,35 +392,3 @@ def test_kv_shared_consumers_read_the_producers_compressed_cache(tiny_checkpoint
     assert cache[4].center_block == 0  # centring off: the default's block size is moot
     model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
     assert cache[4].offset == 5
-
-
-def test_policy_errors_are_clear():
-    with pytest.raises(UserError, match="--kv-bits must be in 1..8, got 9"):
-        KVPolicy("turboquant", bits=9)
-    with pytest.raises(UserError, match="--value-bits must be in 1..8"):
-        KVPolicy("turboquant", key_bits=8, value_bits=0.5)
-    with pytest.raises(UserError, match="--kv-cache must be one of"):
-        KVPolicy("int4")
-    with pytest.raises(UserError, match="--kv-window must be >= 0"):
-        KVPolicy("turboquant", fp_window=-1)
-    with pytest.raises(UserError, match="--kv-center must be >= 0"):
-        KVPolicy("turboquant", center=-1)
-    with pytest.raises(UserError, match="--kv-center-block must be >= 0"):
-        KVPolicy("turboquant", center_block=-1)
-    with pytest.raises(UserError, match=r"--kv-center \(600\) must be <= --kv-center-block \(512"):
-        KVPolicy("turboquant", center=600)
-    with pytest.raises(UserError, match="--kv-key-tiers must be 0 \\(off\\) or 2..5, got 1"):
-        KVPolicy("turboquant", key_tiers=1)
-    with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
-        KVPolicy("turboquant", key_tiers=4, center=0)
-    with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
-        KVPolicy("turboquant", key_tiers=4, codec="prod")
-    assert KVPolicy("turboquant").resolved_bits() == (3, 2)  # the default
-    assert KVPolicy("turboquant").tiers_for(256) == 4  # default tiers, fewer where they don't fit
-    assert KVPolicy("turboquant").tiers_for(16) == 3 and KVPolicy("turboquant").tiers_for(6) == 0
-    assert KVPolicy("turboquant", center=0).tiers_for(256) == 0  # tiers ride on the centring
-    assert KVPolicy("turboquant", codec="prod").tiers_for(256) == 0
-    with pytest.raises(UserError, match="--kv-key-tiers 4 needs a head dim divisible by 16"):
-        KVPolicy("turboquant", key_tiers=4).tiers_for(24)
-    assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
-    assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

@@ -115,6 +115,12 @@ def read_prompt_file(path: str | Path) -> tuple[dict[str, Any], list[Any], list[
         raise UserError(f"{path} is a directory, not a prompt cache file")
     try:
         arrays, flat_meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # mlx raises RuntimeError/ValueError for files it cannot parse
+        raise UserError(
+            f"{path}: not a prompt cache file (not readable as safetensors: {e}); "
+            "remove it or choose another path"
+        ) from None
+    try:
         metadata, classes, scalars = tree_unflatten(list(flat_meta.items()))
         for position, kind in scalars[1:]:  # mlx-lm's encoding of non-array state entries
             a = arrays[position]
@@ -125,10 +131,10 @@ def read_prompt_file(path: str | Path) -> tuple[dict[str, Any], list[Any], list[
             else:
                 arrays[position] = None
         states = tree_unflatten(list(arrays.items())) if arrays else []
-    except Exception as e:  # mlx raises RuntimeError/ValueError for files it cannot parse
+    except (ValueError, TypeError, KeyError, IndexError):
         raise UserError(
-            f"{path}: not a prompt cache file ({type(e).__name__}: {e}); "
-            "remove it or choose another path"
+            f"{path}: not a prompt cache written by gemma4-mlx (safetensors without a prompt "
+            "cache's layout); remove it or choose another path"
         ) from None
     return arrays, states, classes, metadata
 

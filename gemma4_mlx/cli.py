@@ -79,45 +79,30 @@ MODEL = typer.Option(
     "demo", "--model", "-m", help="Model directory, hub repo id, or 'demo' (offline Gemma 3 270M)."
 )
 KV_CACHE = typer.Option(
-    "fp16", "--kv-cache", help="fp16 (model dtype) | affine (mlx-lm) | turboquant."
+    None,
+    "--kv-cache",
+    help="KV cache of the global layers: exact (the model's dtype; default) | affine (mlx-lm) | "
+    "turboquant (default when a bits option is given).",
 )
 KV_BITS = typer.Option(
     None,
     "--kv-bits",
     parser=finite_float,
-    help="Average K/V bits (turboquant: 3.5 means K5/V2) or affine bits.",
+    help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2) "
+    "or the affine bits.",
 )
 KEY_BITS = typer.Option(
-    None, "--key-bits", parser=finite_float, help="TurboQuant key bits (overrides the split)."
+    None, "--key-bits", parser=finite_float, help="TurboQuant key bits (1..8, steps of 0.5)."
 )
 VALUE_BITS = typer.Option(
-    None, "--value-bits", parser=finite_float, help="TurboQuant value bits (overrides the split)."
+    None, "--value-bits", parser=finite_float, help="TurboQuant value bits (1..8, steps of 0.5)."
 )
-KV_WINDOW = typer.Option(
-    None, "--kv-window", help="TurboQuant: recent tokens each query reads exact (default: policy)."
-)
-KV_SINK = typer.Option(
-    None, "--kv-sink", help="TurboQuant: first tokens kept exact (default: policy)."
-)
-KV_CENTER = typer.Option(
+KV_SPEC = typer.Option(
     None,
-    "--kv-center",
-    help="TurboQuant: tokens after the sink whose mean centres the codes; 0: off (default: policy).",
-)
-KV_CENTER_BLOCK = typer.Option(
-    None,
-    "--kv-center-block",
-    help="TurboQuant: a new mean (the previous block's) every N tokens; 0: one mean "
-    "(default: policy).",
-)
-KV_KEY_TIERS = typer.Option(
-    None,
-    "--kv-key-tiers",
-    help="TurboQuant: key channels in N tiers by their variance over the centring tokens, "
-    "strong ones with more bits; 0: one rotation over all (default: policy).",
-)
-KV_CODEC = typer.Option(
-    "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
+    "--kv",
+    metavar="SPEC",
+    help="The whole KV policy in one string, e.g. 'turboquant:k3,v2,window=64,sink=4' "
+    "(research settings: README, KV options); instead of the options above.",
 )
 DTYPE = typer.Option(
     None,
@@ -146,26 +131,46 @@ CHAT_TEMPLATE = typer.Option(
 )
 
 
-def _policy(options: dict):
-    """The KV policy that a command's ``--kv-*``/``--key-bits``/``--value-bits`` options say;
-    ``options`` is the command's ``locals()``. Options left unset take the policy's defaults."""
-    from gemma4_mlx.cache import KVPolicy
+KV_FLAGS = {"kind": "--kv-cache", "bits": "--kv-bits", "key_bits": "--key-bits"}
+KV_FLAGS["value_bits"] = "--value-bits"
 
-    extra = {
-        "fp_window": options["kv_window"],
-        "sink": options["kv_sink"],
-        "center": options["kv_center"],
-        "center_block": options["kv_center_block"],
-        "key_tiers": options["kv_key_tiers"],
-    }
-    return KVPolicy(
-        kind=options["kv_cache"],
-        bits=options["kv_bits"],
-        key_bits=options["key_bits"],
-        value_bits=options["value_bits"],
-        codec=options["kv_codec"],
-        **{k: v for k, v in extra.items() if v is not None},
-    )
+
+def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec):
+    """The KV policy the KV options say, checked before the model loads. One rule for bits
+    (mlx-lm's: ``--kv-bits`` turns quantization on): a bits option without ``--kv-cache``
+    means turboquant; with ``--kv-cache exact`` it is refused, as are key/value bits with
+    affine. ``--kv SPEC`` is the whole policy (KVPolicy.parse) and excludes the others."""
+    from gemma4_mlx.cache import KIND_ALIASES, KVPolicy, KVPolicyError
+
+    flags = {"--kv-cache": kv_cache, "--kv-bits": kv_bits, "--key-bits": key_bits}
+    flags["--value-bits"] = value_bits
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    if kv_spec is not None:
+        if given:
+            raise UserError(f"--kv SPEC is the whole KV policy: drop {', '.join(given)}")
+        try:
+            return KVPolicy.parse(kv_spec)
+        except KVPolicyError as e:
+            raise UserError(f"--kv {e.key}: {e.reason}") from None
+    bits_flags = [f for f in ("--kv-bits", "--key-bits", "--value-bits") if f in given]
+    kind = KIND_ALIASES.get(kv_cache, kv_cache) or ("turboquant" if bits_flags else "exact")
+    if kind == "exact" and bits_flags:
+        raise UserError(
+            f"{bits_flags[0]} quantizes the KV cache: use --kv-cache turboquant or affine, "
+            "not exact"
+        )
+    split = [f for f in ("--key-bits", "--value-bits") if f in given]
+    if kind == "affine" and split:
+        raise UserError(f"{split[0]} needs --kv-cache turboquant (affine has one --kv-bits)")
+    try:
+        return KVPolicy(kind, key_bits=key_bits, value_bits=value_bits, bits=kv_bits)
+    except KVPolicyError as e:
+        flag = KV_FLAGS.get(e.field, "--kv-cache")
+        if flag not in given and kv_bits is not None:  # value bits made up from the average
+            others = " and ".join(f"{f} {given[f]:g}" for f in bits_flags)
+            name = e.field.replace("_", " ")
+            raise UserError(f"{others}: the {name} they leave {e.reason}") from None
+        raise UserError(f"{flag} {e.reason}") from None
 
 
 def _sampling(model_dir: Path | None, temp, top_p, top_k, min_p, seed):
@@ -251,16 +256,11 @@ def generate(
         False, "--raw", metavar=FLAG, help="Feed the prompt as is, without the chat template."
     ),
     chat_template: Path | None = CHAT_TEMPLATE,
-    kv_cache: str = KV_CACHE,
+    kv_cache: str | None = KV_CACHE,
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
-    kv_window: int | None = KV_WINDOW,
-    kv_sink: int | None = KV_SINK,
-    kv_center: int | None = KV_CENTER,
-    kv_center_block: int | None = KV_CENTER_BLOCK,
-    kv_key_tiers: int | None = KV_KEY_TIERS,
-    kv_codec: str = KV_CODEC,
+    kv_spec: str | None = KV_SPEC,
     prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
     ),
@@ -288,7 +288,7 @@ def generate(
     check_max_tokens(max_tokens)
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw)
-    policy = _policy(locals())
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
@@ -351,16 +351,11 @@ def chat(
     seed: int | None = SEED,
     thinking: bool = THINKING,
     chat_template: Path | None = CHAT_TEMPLATE,
-    kv_cache: str = KV_CACHE,
+    kv_cache: str | None = KV_CACHE,
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
-    kv_window: int | None = KV_WINDOW,
-    kv_sink: int | None = KV_SINK,
-    kv_center: int | None = KV_CENTER,
-    kv_center_block: int | None = KV_CENTER_BLOCK,
-    kv_key_tiers: int | None = KV_KEY_TIERS,
-    kv_codec: str = KV_CODEC,
+    kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
 ):
     """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit.
@@ -373,7 +368,7 @@ def chat(
     check_max_tokens(max_tokens)
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw=False)
-    policy = _policy(locals())
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     model_dir, m, tokenizer = _load(model, dtype, quiet=False)
     session = Chat(
         m,

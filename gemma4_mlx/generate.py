@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
+from gemma4_mlx.errors import BadArgument, BadArgumentType
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
 
 # mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
@@ -40,8 +40,9 @@ class GenerationResult:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None
-    kv_cache: str = ""
+    kv_cache: str = ""  # the KV policy used, in words
     kv_cache_bytes: int = 0
+    kv_policy: str = ""  # the KV policy used, in its text form (KVPolicy.parse reads it)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -140,10 +141,10 @@ def generation_defaults(model_dir: Path | None) -> dict:
 
 def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
     """Estimated KV bytes per token of context (global layers; sliding layers are bounded)."""
-    from gemma4_mlx.cache import cache_layers
+    from gemma4_mlx.cache import cache_layers, model_dtype
 
     config = model.config
-    dtype_bytes = model.model.embed_tokens.weight.dtype.size if hasattr(model, "model") else 2
+    dtype_bytes = getattr(mx, model_dtype(model)).size
     total = 0.0
     for spec in cache_layers(config):
         if spec.is_sliding:
@@ -193,13 +194,19 @@ def stream_generate(
     max_tokens: int = 256,
     sampling: SamplingOptions | None = None,
     prompt_cache: list[Any] | None = None,
-    kv_policy: KVPolicy | None = None,
+    kv_policy: KVPolicy | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Any]:
-    """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects."""
+    """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
+
+    ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
+    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is)."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from gemma4_mlx.cache import as_policy
+
+    kv_policy = as_policy(kv_policy)
     sampling = sampling or SamplingOptions()
     sampling.validate()
     check_max_tokens(max_tokens)
@@ -220,17 +227,33 @@ def stream_generate(
     )
 
 
+def describe_used(model: Any, policy: KVPolicy, n_tokens: int) -> str:
+    """The policy in words as this run used it: the exact cache's dtype named, and a
+    TurboQuant run whose tokens all fit in its exact sink and window said to compress none."""
+    from gemma4_mlx.cache import model_dtype
+
+    text = policy.describe(model_dtype(model))
+    if policy.kind == "turboquant" and n_tokens <= policy.exact_tokens():
+        text += (
+            f" (nothing compressed: all {n_tokens} tokens fit in the exact sink and window, "
+            f"{policy.exact_tokens()} tokens)"
+        )
+    return text
+
+
 def _finish(
     pieces: list[str],
     responses: list[Any],
     n_prompt: int,
     n_prefilled: int,
+    model: Any,
     policy: KVPolicy,
     cache: list[Any],
 ) -> GenerationResult:
     raw = "".join(pieces)
     parsed: ParsedOutput = parse_output(raw)
     last = responses[-1]
+    n_tokens = n_prompt + len(responses)
     return GenerationResult(
         text=parsed.text,
         thinking=parsed.thinking,
@@ -243,8 +266,9 @@ def _finish(
         generation_tps=float(last.generation_tps),
         peak_memory_gb=float(last.peak_memory),
         finish_reason=last.finish_reason,
-        kv_cache=policy.describe(),
+        kv_cache=describe_used(model, policy, n_tokens),
         kv_cache_bytes=int(sum(getattr(c, "nbytes", 0) for c in cache)),
+        kv_policy=str(policy),
     )
 
 
@@ -254,33 +278,42 @@ def generate(
     prompt: str | list[int],
     max_tokens: int = 256,
     sampling: SamplingOptions | None = None,
-    kv_policy: KVPolicy | None = None,
+    kv_policy: KVPolicy | str | None = None,
     prompt_cache_file: str | Path | None = None,
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
-    With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
-    prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
+    ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
+    policy. With ``prompt_cache_file`` (gemma4_mlx.prompt_files): if the file holds a cache of
+    this model, built with this policy, for a prefix of this prompt, only the rest is
+    prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
+    the requested policy and its cache saved to the file. The result reports the policy used.
     """
-    from gemma4_mlx.cache import KVPolicy
+    from gemma4_mlx.cache import as_policy, bound_policy
+    from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
 
-    policy = kv_policy or KVPolicy()
+    policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
     tokens = prompt_ids(model, tokenizer, prompt)
     check_context(model, len(tokens), max_tokens)
+    note = on_note or (lambda text: print(f"note: {text}", file=sys.stderr))
     cache, reused = None, 0
-    if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
-        cache, reused = _load_prefix(Path(prompt_cache_file), tokens)
+    if prompt_cache_file is not None and Path(prompt_cache_file).exists():
+        cache, reused, why = load_prompt_file(prompt_cache_file, model, policy, tokens)
+        if why:
+            note(why)
     if cache is None:
         cache = model.make_cache(policy)
     remaining = tokens[reused:]
     if prompt_cache_file is not None and reused == 0:
         # Prefill the prompt once, save it, then generate from the saved state.
         _prefill(model, cache, tokens[:-1])
-        _save_prefix(Path(prompt_cache_file), cache, tokens[:-1])
+        if len(tokens) > 1:
+            save_prompt_file(prompt_cache_file, cache, tokens[:-1], model, policy)
         remaining = tokens[-1:]
     pieces, responses = [], []
     for response in stream_generate(
@@ -290,39 +323,13 @@ def generate(
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    return _finish(pieces, responses, len(tokens), len(tokens) - reused, policy, cache)
+    return _finish(pieces, responses, len(tokens), len(tokens) - reused, model, policy, cache)
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:
     for i in range(0, len(tokens), step):
         model(mx.array([tokens[i : i + step]]), cache=cache)
         mx.eval([c.state for c in cache])
-
-
-def _save_prefix(path: Path, cache: list[Any], tokens: list[int]) -> None:
-    from turboquant.cache import save_prompt_cache
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial.safetensors")
-    save_prompt_cache(str(tmp), cache, {"tokens": json.dumps(tokens)})
-    os.replace(tmp, path)
-
-
-def _load_prefix(path: Path, tokens: list[int]) -> tuple[list[Any] | None, int]:
-    from turboquant.cache import load_prompt_cache
-
-    try:
-        cache, meta = load_prompt_cache(str(path), return_metadata=True)
-        saved = json.loads(meta["tokens"])
-    except Exception as e:
-        raise UserError(f"{path}: not a prompt cache written by gemma4-mlx ({e})") from None
-    if len(saved) >= len(tokens) or tokens[: len(saved)] != saved:
-        print(
-            f"note: {path} does not hold a prefix of this prompt; prefilling from scratch",
-            file=sys.stderr,
-        )
-        return None, 0
-    return cache, len(saved)
 
 
 @dataclass
@@ -337,7 +344,7 @@ class Chat:
     tokenizer: Any
     system: str | None = None
     thinking: bool = False
-    kv_policy: KVPolicy | None = None
+    kv_policy: KVPolicy | str | None = None  # None: the model's bound policy
     sampling: SamplingOptions | None = None
     messages: list[dict] = field(default_factory=list)
     cache: list[Any] | None = None
@@ -348,11 +355,13 @@ class Chat:
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
+        from gemma4_mlx.cache import as_policy, bound_policy
         from gemma4_mlx.tokenizer import prompt_template
 
         self.template = prompt_template(
             self.tokenizer, self.chat_template, system=self.system, thinking=self.thinking
         )
+        self.kv_policy = as_policy(self.kv_policy) or bound_policy(self.model)
 
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens = [], None, []
@@ -395,7 +404,6 @@ class Chat:
     def send(
         self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
     ) -> GenerationResult:
-        from gemma4_mlx.cache import KVPolicy
 
         if not isinstance(text, str):
             raise BadArgumentType("text", f"must be a str, got {type(text).__name__}")
@@ -430,7 +438,7 @@ class Chat:
             self.cache, self.cached_tokens = None, []
             raise
         result = _finish(
-            pieces, responses, len(tokens), len(new), self.kv_policy or KVPolicy(), self.cache
+            pieces, responses, len(tokens), len(new), self.model, self.kv_policy, self.cache
         )
         self.last_prefilled = len(new)
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
@@ -440,4 +448,8 @@ class Chat:
         return result
 
     def save(self, path: str | Path) -> None:
-        _save_prefix(Path(path), self.cache or [], self.cached_tokens)
+        """Save the conversation's KV cache (gemma4_mlx.prompt_files); UserError if there is
+        nothing to save yet or the path cannot be written (the conversation goes on)."""
+        from gemma4_mlx.prompt_files import save_prompt_file
+
+        save_prompt_file(path, self.cache or [], self.cached_tokens, self.model, self.kv_policy)

@@ -164,14 +164,14 @@ def write(args, results: dict, lengths: list[int], policies: dict, seconds: floa
 
 def _method(name: str) -> tuple[str, str]:
     """(method, point label) of a result name: settings that differ only in their bits are one
-    method (one line in the plot), e.g. ``tq mse s4 w32 c128`` with points ``K4/V2``, ``K5/V3``."""
-    if name.startswith("affine"):
-        return "mlx-lm affine", name.removeprefix("affine") + "-bit"
-    words = name.replace(" (default)", "").split()
-    codec = "prod" if "prod" in words else "mse"
-    split = next(w for w in words if w.startswith("K"))
-    rest = [w for w in words if w[0] in "swc" and w[1:].replace("/", "").isdigit()]
-    return f"tq {codec} {' '.join(rest)}", split + (" (default)" if "default" in name else "")
+    method (one line in the plot), e.g. ``tq tiers=4,sink=4,...`` with points ``K4/V2``,
+    ``K5/V3``; the default's point is marked."""
+    policy = KVPolicy.parse(name)
+    if policy.kind == "affine":
+        return "mlx-lm affine", f"{policy.key_bits:g}-bit"
+    rest = str(policy).split(",", 2)[2]  # everything after k and v
+    label = f"K{policy.key_bits:g}/V{policy.value_bits:g}"
+    return f"tq {rest}", label + (" (default)" if name == setting_name(default_policy()) else "")
 
 
 def plot(results: dict, lengths: list[int], path: Path) -> None:
@@ -192,7 +192,7 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
             )
     for method, points in methods.items():
         points.sort(key=lambda p: p[0])
-        marker = "s" if method.startswith("mlx") else ("^" if "prod" in method else "o")
+        marker = "s" if method.startswith("mlx") else ("^" if "codec=prod" in method else "o")
         for ax, key in zip(axes, ("kl", "top1")):
             ax.plot(
                 [p[0] for p in points], [p[1][key] for p in points], marker=marker, label=method

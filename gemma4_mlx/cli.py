@@ -515,6 +515,92 @@ def bench(
             raise typer.Exit(2) from None
 
 
+# -- serve (gemma4_mlx.server) ---------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    model: str = MODEL,
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (default: loopback only)."
+    ),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    model_id: str | None = typer.Option(
+        None, "--model-id", help="The id /v1/models reports (default: the model directory's name)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="GEMMA4_MLX_API_KEY", help="Require 'Authorization: Bearer KEY'."
+    ),
+    allow_unauthenticated: bool = typer.Option(
+        False,
+        "--allow-unauthenticated",
+        metavar=FLAG,
+        help="Serve a non-loopback --host without an API key (anyone on the network can use it).",
+    ),
+    cors_origin: list[str] = typer.Option(
+        [],
+        "--cors-origin",
+        help="Allow browser requests from this origin (repeatable); none by default.",
+    ),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="Accept this Host header on a loopback bind (repeatable)."
+    ),
+    max_tokens_cap: int | None = typer.Option(
+        None,
+        "--max-tokens-cap",
+        help="Largest max_tokens a request may ask (default: the context).",
+    ),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; more get 429."),
+    prompt_cache_bytes: int = typer.Option(
+        2 << 30, "--prompt-cache-bytes", help="Budget of the prefix cache (real KV bytes)."
+    ),
+    kv_cache: str | None = KV_CACHE,
+    kv_bits: float | None = KV_BITS,
+    key_bits: float | None = KEY_BITS,
+    value_bits: float | None = VALUE_BITS,
+    kv_spec: str | None = KV_SPEC,
+    dtype: str | None = DTYPE,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health). One worker owns the model and requests queue; a
+    TurboQuant cache is served one request at a time."""
+    import logging
+
+    from gemma4_mlx.cache import bind_policy
+    from gemma4_mlx.server import Server, ServerConfig
+
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    for name, value in (("--port", port), ("--max-queue", max_queue)):
+        if value < (0 if name == "--port" else 1) or (name == "--port" and value > 65535):
+            raise UserError(f"{name} is out of range: {value}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = ServerConfig(
+        host=host,
+        port=port,
+        model_id=model_id or ("demo" if model == "demo" else Path(model).name or model),
+        api_key=api_key,
+        allow_unauthenticated=allow_unauthenticated,
+        cors_origins=list(cors_origin),
+        allowed_hosts=list(allowed_host),
+        max_tokens_cap=max_tokens_cap,
+        max_queue=max_queue,
+        prompt_cache_bytes=prompt_cache_bytes,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        if allow_unauthenticated:
+            _note(f"warning: serving {host} WITHOUT an API key: anyone who can reach it can use it")
+    server = Server(config)  # /health answers 503 while the model loads
+    _note(f"listening on {server.url} (loading the model)")
+    model_dir, m, tokenizer = _load(model, dtype, quiet=False)
+    bind_policy(m, policy)
+    server.attach(m, tokenizer, model_dir)
+    _note(f"serving {config.model_id} at {server.url}/v1 (KV cache: {policy})")
+    try:
+        server.thread.join()
+    finally:
+        server.close()
+
+
 def _cli_names() -> dict[str, str]:
     """API argument name -> how the CLI names it, for ``BadArgument`` messages."""
     names = {"prompt": "the prompt", "text": "the message", "thinking": "--thinking"}

@@ -669,6 +669,10 @@ def run_job(api: Api, prep: Prepared, tick: Any) -> Any:
             try:
                 event = job.events.get(timeout=1.0)
             except queue.Empty:
+                if not api.engine.alive():
+                    raise ApiError(
+                        503, "the worker thread died", code="worker_dead", kind="server_error"
+                    ) from None
                 tick()
                 continue
             kind = event[0]
@@ -682,6 +686,10 @@ def run_job(api: Api, prep: Prepared, tick: Any) -> Any:
                 tick()
             elif kind == "done":
                 for delta in router.finish():
+                    if delta.kind == "tool_partial":
+                        if event[1].finish_reason == "length":
+                            continue  # cut by max_tokens: finish_reason says so
+                        delta.kind = "tool_error"
                     yield "delta", delta
                 yield "done", event[1], router
                 return

@@ -159,7 +159,9 @@ def format_value(value: Any) -> str:
 class Delta:
     """One step of output: text for one field, or one finished tool call."""
 
-    kind: str  # "reasoning" | "content" | "tool_call" | "tool_error"
+    # "reasoning" | "content" | "tool_call" | "tool_error" (unparseable) | "tool_partial"
+    # (a call still open when generation ended: max_tokens cut it)
+    kind: str
     text: str = ""
     call: dict | None = None
 
@@ -251,7 +253,7 @@ class Router:
         if self.segment.kind == "tool":
             text = self._decode(self.segment.ids)
             self.segment = _Segment("content")
-            return [Delta("tool_error", text=f"unterminated tool call: {CALL_OPEN}{text}")]
+            return [Delta("tool_partial", text=f"unterminated tool call: {CALL_OPEN}{text}")]
         return self._flush(final=True)
 
     def _switch(self, kind: str) -> list[Delta]:

@@ -80,6 +80,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.store = PrefixStore(prompt_cache_bytes)
+        self.prefill_step = PREFILL_STEP
+        self.cancelled = 0  # jobs stopped because their client went away
         self.busy_since: float | None = None  # when the running job last made progress
         self.thread = threading.Thread(target=self._loop, name="gemma4-worker", daemon=True)
         self._stop = threading.Event()
@@ -119,6 +121,7 @@ class Engine:
             try:
                 outcome = self.run(job)
             except Cancelled as e:
+                self.cancelled += 1
                 job.events.put(("error", e))
             except Exception as e:  # one request fails alone; the worker keeps serving
                 log.exception("request failed")
@@ -149,7 +152,7 @@ class Engine:
         total = len(prompt)
         for stop in stops:
             while done < stop:
-                step = min(PREFILL_STEP, stop - done)
+                step = min(self.prefill_step, stop - done)
                 self.model(mx.array([prompt[done : done + step]]), cache=cache, last_only=True)
                 mx.eval([c.state for c in cache])
                 done += step

@@ -105,7 +105,10 @@ class Engine:
 
     def close(self) -> None:
         self._stop.set()
-        self.jobs.put(None)
+        try:
+            self.jobs.put_nowait(None)  # wake the worker; a full queue is seen by _stop
+        except queue.Full:
+            pass
 
     # -- worker side -----------------------------------------------------------------------
 

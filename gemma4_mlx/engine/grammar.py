@@ -237,7 +237,8 @@ class GrammarProcessor:
         """(1, V) logits -> the same with disallowed tokens at -inf."""
         self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
         words = mx.array(self.words[0])  # (V/32,) int32
-        bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1  # (V/32, 32): bit j of word i = token 32i+j
+        # (V/32, 32): bit j of word i allows token 32i + j
+        bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
         allowed = bits.reshape(-1)[: logits.shape[-1]].astype(mx.bool_)
         return mx.where(allowed, logits, -mx.inf)
 

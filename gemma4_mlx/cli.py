@@ -227,6 +227,23 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
+def _read_schema(path: Path | None) -> dict | None:
+    """--json-schema FILE: a JSON object, checked before the model loads."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        schema = json.loads(_decode(path.read_bytes(), f"{path}"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the JSON schema ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"{path}: a JSON schema must be an object")
+    return schema
+
+
 def _read_template(path: Path | None, raw: bool) -> str | None:
     if path is None:
         return None
@@ -267,6 +284,9 @@ def generate(
     json_out: bool = typer.Option(
         False, "--json", metavar=FLAG, help="Print one JSON object instead of streaming text."
     ),
+    json_schema: Path | None = typer.Option(
+        None, "--json-schema", help="JSON schema file: the answer is enforced to be its JSON."
+    ),
     dtype: str | None = DTYPE,
 ):
     """Generate text from a prompt, streamed to the terminal.
@@ -289,6 +309,7 @@ def generate(
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    schema = _read_schema(json_schema)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
@@ -311,6 +332,8 @@ def generate(
         prompt_cache_file=prompt_cache_file,
         on_text=stream,
         progress=progress,
+        json_schema=schema,
+        thinking=thinking,
     )
     if json_out:
         typer.echo(result.to_json())

@@ -196,11 +196,15 @@ def stream_generate(
     prompt_cache: list[Any] | None = None,
     kv_policy: KVPolicy | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    json_schema: dict | None = None,
+    thinking: bool = False,
 ) -> Iterator[Any]:
     """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
 
     ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
-    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is)."""
+    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is).
+    ``json_schema``: the answer is that schema's JSON, enforced token by token (llguidance;
+    gemma4_mlx.engine.grammar), after a thought block if ``thinking``."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -214,6 +218,11 @@ def stream_generate(
     check_context(model, len(tokens), max_tokens)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
+    processors = None
+    if json_schema is not None:
+        from gemma4_mlx.engine.grammar import schema_processor
+
+        processors = [schema_processor(model, tokenizer, json_schema, thinking)]
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
     yield from mlx_stream_generate(
@@ -224,6 +233,7 @@ def stream_generate(
         sampler=sampler,
         prompt_cache=cache,
         prompt_progress_callback=progress,
+        logits_processors=processors,
     )
 
 
@@ -283,6 +293,8 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    json_schema: dict | None = None,
+    thinking: bool = False,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -291,6 +303,8 @@ def generate(
     this model, built with this policy, for a prefix of this prompt, only the rest is
     prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
     the requested policy and its cache saved to the file. The result reports the policy used.
+    ``json_schema``: the answer (``result.text``) is that schema's JSON, enforced while
+    sampling; ``thinking``: a thought block may come first.
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -317,7 +331,16 @@ def generate(
         remaining = tokens[-1:]
     pieces, responses = [], []
     for response in stream_generate(
-        model, tokenizer, remaining, max_tokens, sampling, cache, policy, progress
+        model,
+        tokenizer,
+        remaining,
+        max_tokens,
+        sampling,
+        cache,
+        policy,
+        progress,
+        json_schema=json_schema,
+        thinking=thinking,
     ):
         pieces.append(response.text)
         responses.append(response)

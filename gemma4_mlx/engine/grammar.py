@@ -213,11 +213,19 @@ class GrammarCompiler:
         text = llg.LLMatcher.grammar_from_lark(grammar)
         is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.tokenizer)
         if is_error:
-            raise BadArgument(field, f"cannot be enforced: {'; '.join(messages)[:500]}")
+            raise BadArgument(field, f"cannot be enforced: {_one_line(messages[0])}")
         matcher = llg.LLMatcher(self.tokenizer, text)
         if matcher.is_error():
-            raise BadArgument(field, f"cannot be enforced: {matcher.get_error()[:500]}")
+            raise BadArgument(field, f"cannot be enforced: {_one_line(matcher.get_error())}")
         return matcher
+
+
+def _one_line(message: str) -> str:
+    """llguidance's first line, without its position in our grammar text ("at 3(7): ")."""
+    line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    if line.startswith("at ") and ": " in line:
+        line = line.split(": ", 1)[1]
+    return line[:300]
 
 
 class GrammarError(RuntimeError):
@@ -249,3 +257,37 @@ class GrammarProcessor:
     @property
     def done(self) -> bool:
         return self.matcher.is_stopped()
+
+
+class SchemaLogitsProcessor:
+    """The grammar as an mlx-lm logits processor (``processor(tokens, logits) -> logits``), for
+    ``generate(..., json_schema=...)``: mlx-lm calls it once per sampled token with the tokens
+    so far, so each call after the first feeds the newest token to the matcher."""
+
+    def __init__(self, processor: GrammarProcessor):
+        self.processor = processor
+        self.first = True
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if not self.first:
+            self.processor.consume(int(tokens[-1].item()))
+        self.first = False
+        return self.processor.mask(logits.astype(mx.float32))
+
+
+def schema_processor(
+    model: Any, tokenizer: Any, json_schema: dict, thinking: bool = False
+) -> SchemaLogitsProcessor:
+    """An mlx-lm logits processor that makes the answer ``json_schema``'s JSON (after an
+    optional thought block when ``thinking``); BadArgument if the schema cannot be enforced."""
+    from gemma4_mlx.toolcalls import MarkerIds
+
+    if not isinstance(json_schema, dict):
+        raise BadArgument("json_schema", f"must be a dict, got {type(json_schema).__name__}")
+    stop_ids = sorted(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, stop_ids)
+    grammar = build_grammar(
+        Constraint(json_schema=json_schema, thinking=thinking), MarkerIds.of(tokenizer)
+    )
+    matcher = compiler.matcher(grammar, "json_schema")
+    return SchemaLogitsProcessor(GrammarProcessor(matcher, model.config.vocab_size))

@@ -337,3 +337,69 @@ def test_second_turn_reuses_the_prompt_and_matches_a_cold_run(tool_chat_model, p
         assert r.choices[0].message.content == r2.choices[0].message.content
     finally:
         cold.close()
+
+
+def canned(server, text):
+    """Make the worker 'generate' ``text`` (as tokens) instead of sampling: protocol tests of
+    outputs a random tiny model would never write."""
+    from gemma4_mlx.engine.worker import Outcome
+
+    engine = server.state.api.engine
+    ids = engine.tokenizer._tokenizer.encode(text, add_special_tokens=False)
+
+    def run(job):
+        for token in ids:
+            job.events.put(("token", token))
+        return Outcome("stop", len(job.prompt), 0, len(ids) + 1, 0.0, 0.0, "miss")
+
+    engine.run = run
+
+
+@pytest.fixture
+def canned_server(tool_chat_model):
+    srv = start(tool_chat_model)
+    yield srv
+    srv.close()
+
+
+def test_thought_goes_to_reasoning_fields_never_content(canned_server):
+    canned(canned_server, "<|channel>thought\nweigh it up<channel|>the answer")
+    c = openai.OpenAI(base_url=canned_server.url + "/v1", api_key="x", max_retries=0)
+    args = dict(model="t", messages=USER, reasoning_effort="high", max_tokens=50)
+    r = c.chat.completions.create(**args)
+    message = r.choices[0].message.model_dump()
+    assert message["content"] == "the answer"
+    assert message["reasoning_content"] == message["reasoning"] == "weigh it up"
+    assert r.usage.completion_tokens_details.reasoning_tokens > 0
+    content, reasoning, _, finish, _ = collect_stream(
+        c.chat.completions.create(**args, stream=True)  # collect_stream: never both in a delta
+    )
+    assert (content, reasoning, finish) == ("the answer", "weigh it up", "stop")
+
+
+def test_tool_calls_after_thought_stream_like_whole(canned_server):
+    q = '<|"|>'
+    canned(
+        canned_server,
+        f'<|channel>thought\nx<channel|>call:get_weather{{city:{q}pa"ris{q}}}<tool_call|>'
+        f"<|tool_call>call:get_time{{zone:{q}utc{q}}}<tool_call|>",
+    )
+    c = openai.OpenAI(base_url=canned_server.url + "/v1", api_key="x", max_retries=0)
+    args = dict(model="t", messages=USER, tools=[WEATHER, TIME], max_tokens=50)
+    r = c.chat.completions.create(**args)
+    calls = [
+        (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
+    ]
+    assert calls == [("get_weather", {"city": 'pa"ris'}), ("get_time", {"zone": "utc"})]
+    assert r.choices[0].message.content is None and r.choices[0].finish_reason == "tool_calls"
+    _, _, streamed, finish, _ = collect_stream(c.chat.completions.create(**args, stream=True))
+    assert [(v["name"], json.loads(v["arguments"])) for _, v in sorted(streamed.items())] == calls
+    assert finish == "tool_calls"
+
+
+def test_unparseable_tool_call_is_an_error_not_markup(canned_server):
+    canned(canned_server, "<|tool_call>call:get_time{zone:<tool_call|>")
+    c = openai.OpenAI(base_url=canned_server.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        c.chat.completions.create(model="t", messages=USER, tools=[TIME], max_tokens=50)
+    assert info.value.code == "tool_call_parse_error"

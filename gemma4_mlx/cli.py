@@ -582,6 +582,7 @@ def serve(
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
     kv_spec: str | None = KV_SPEC,
+    chat_template: Path | None = CHAT_TEMPLATE,
     dtype: str | None = DTYPE,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
@@ -593,6 +594,7 @@ def serve(
     from gemma4_mlx.server import Server, ServerConfig
 
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    template = _read_template(chat_template, raw=False)
     for name, value in (("--port", port), ("--max-queue", max_queue)):
         if value < (0 if name == "--port" else 1) or (name == "--port" and value > 65535):
             raise UserError(f"{name} is out of range: {value}")
@@ -616,7 +618,7 @@ def serve(
     _note(f"listening on {server.url} (loading the model)")
     model_dir, m, tokenizer = _load(model, dtype, quiet=False)
     bind_policy(m, policy)
-    server.attach(m, tokenizer, model_dir)
+    server.attach(m, tokenizer, model_dir, chat_template=template)
     _note(f"serving {config.model_id} at {server.url}/v1 (KV cache: {policy})")
     try:
         server.thread.join()

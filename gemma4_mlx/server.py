@@ -1169,7 +1169,10 @@ class Server:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def attach(self, model: Any, tokenizer: Any, model_dir: Any = None) -> Api:
+    def attach(
+        self, model: Any, tokenizer: Any, model_dir: Any = None, chat_template: str | None = None
+    ) -> Api:
+        """Serve ``model``: start its worker. ``chat_template``: instead of the tokenizer's."""
         from gemma4_mlx.cache import bound_policy
         from gemma4_mlx.engine.worker import Engine
         from gemma4_mlx.generate import generation_defaults, kv_bytes_per_token
@@ -1177,6 +1180,7 @@ class Server:
 
         config = self.state.config
         policy = bound_policy(model)
+        model.make_cache()  # a policy that cannot serve this model fails now, not on a request
         stop_ids = sorted(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         tool_response = tokenizer._tokenizer.get_vocab().get("<|tool_response>")
         if tool_response is not None and tool_response not in stop_ids:
@@ -1190,7 +1194,7 @@ class Server:
             prompt_cache_bytes=config.prompt_cache_bytes,
         )
         info = {
-            "template": own_template(tokenizer),
+            "template": chat_template or own_template(tokenizer),
             "sampling": generation_defaults(model_dir) if model_dir else {},
             "policy": str(policy),
             "kv_bytes_per_token": kv_bytes_per_token(model, policy),

@@ -473,3 +473,13 @@ def test_dead_worker_turns_health_503(tool_chat_model):
         assert response.status == 503 and json.loads(payload)["error"]["code"] == "worker_dead"
     finally:
         srv.close()
+
+
+def test_cli_serve_refuses_an_open_bind_without_a_key(capsys):
+    from gemma4_mlx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "-m", "no-such-model", "--host", "0.0.0.0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--api-key" in err[0] and err[0].startswith("error: --host")

@@ -55,7 +55,7 @@ CHAT_FIELDS = COMMON_FIELDS | {
     "reasoning_effort",
     "think",
 }
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}  # echo and suffix: only their "off" values
 # Fields accepted only at their neutral value (what clients send when the user set nothing).
 NEUTRAL = {
     "logprobs": (None, False),

@@ -403,3 +403,22 @@ def test_unparseable_tool_call_is_an_error_not_markup(canned_server):
     with pytest.raises(openai.InternalServerError) as info:
         c.chat.completions.create(model="t", messages=USER, tools=[TIME], max_tokens=50)
     assert info.value.code == "tool_call_parse_error"
+
+
+def test_thinking_switches_are_one_switch(client):
+    """enable_thinking, reasoning_effort and think all turn the template's thinking mode on
+    (the prompt gains the <|think|> marker); none/minimal and false leave it off."""
+
+    def prompt_tokens(**switch):
+        r = client.chat.completions.create(model="t", messages=USER, max_tokens=1, **switch)
+        return r.usage.prompt_tokens
+
+    off = prompt_tokens()
+    on = [
+        prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": True}}),
+        prompt_tokens(reasoning_effort="high"),
+        prompt_tokens(extra_body={"think": True}),
+    ]
+    assert all(n > off for n in on) and len(set(on)) == 1
+    assert prompt_tokens(reasoning_effort="minimal") == off
+    assert prompt_tokens(extra_body={"think": False}) == off

@@ -107,6 +107,20 @@ class ServerConfig:
                 )
 
 
+def free_memory() -> int | None:
+    """Bytes free for a new KV cache: the OS's free pages where it says (Linux), else physical
+    memory less what MLX holds now (macOS has no free-page count in sysconf)."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        if "SC_AVPHYS_PAGES" in os.sysconf_names:
+            return os.sysconf("SC_AVPHYS_PAGES") * page
+        import mlx.core as mx
+
+        return os.sysconf("SC_PHYS_PAGES") * page - mx.get_active_memory()
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
@@ -296,9 +310,8 @@ class Api:
     def _check_memory(self, n_tokens: int) -> None:
         """Refuse a request whose KV would not fit in the memory free now (Linux/macOS)."""
         per_token = self.info.get("kv_bytes_per_token", 0.0)
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
+        free = free_memory()
+        if free is None:
             return
         need = per_token * n_tokens
         if need > free:

@@ -483,3 +483,15 @@ def test_cli_serve_refuses_an_open_bind_without_a_key(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--api-key" in err[0] and err[0].startswith("error: --host")
+
+
+def test_a_kv_cache_that_would_not_fit_is_refused_before_prefill(server):
+    info = server.state.api.info
+    per_token = info["kv_bytes_per_token"]
+    info["kv_bytes_per_token"] = 1 << 40  # pretend each token needs a TiB
+    try:
+        response, payload = request(server, "POST", CHAT, chat())
+    finally:
+        info["kv_bytes_per_token"] = per_token
+    assert response.status == 400
+    assert json.loads(payload)["error"]["code"] == "insufficient_memory"

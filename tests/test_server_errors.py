@@ -61,6 +61,15 @@ def deep(n):
 
 # (name, method, path, body (dict, or bytes sent raw), extra headers, status, error code or param)
 CASES = [
+    (
+        "completion echo on",
+        "POST",
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 2, "echo": True},
+        {},
+        400,
+        "unsupported_parameter",
+    ),
     ("invalid json", "POST", CHAT, b'{"messages": [', {}, 400, "invalid_json"),
     ("not json at all", "POST", CHAT, b"hello", {}, 400, "invalid_json"),
     ("invalid utf-8", "POST", CHAT, b'{"messages": "\xff\xfe"}', {}, 400, "invalid_utf8"),

@@ -771,8 +771,28 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------------------
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, headers too long, an unknown
+        method) in OpenAI's shape too, never an HTML page."""
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # garbage in: still a status line and headers out
+        body = ApiError(code, message or explain or "bad request", code="bad_http_request").body()
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(data)
+        except OSError:
+            pass
+
     def _cors_headers(self) -> dict[str, str]:
-        origin = self.headers.get("Origin")
+        headers = getattr(self, "headers", None)
+        origin = headers.get("Origin") if headers is not None else None
         if origin and origin in self.state.config.cors_origins:
             return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         return {}
@@ -916,6 +936,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:
         self._route("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._route("HEAD")
 
     def do_OPTIONS(self) -> None:
         origin = self.headers.get("Origin")

@@ -332,6 +332,20 @@ def test_missing_content_length_is_411(server):
     assert request(server, "GET", "/health")[0].status == 200
 
 
+def test_malformed_http_gets_an_error_object(server):
+    host, port = server.httpd.server_address[:2]
+    for raw in (b"NONSENSE\r\n\r\n", b"BREW /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"):
+        with socket.create_connection((host, port), timeout=30) as s:
+            s.sendall(raw)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] in (b"400", b"501"), head
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    assert request(server, "GET", "/health")[0].status == 200
+
+
 def test_listed_cors_origin_gets_headers_and_others_none(server):
     ok, _ = request(server, "OPTIONS", CHAT, headers={"Origin": "http://localhost:3000"})
     assert ok.status == 204

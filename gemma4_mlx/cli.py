@@ -244,6 +244,26 @@ def _read_schema(path: Path | None) -> dict | None:
     return schema
 
 
+def _read_tools(path: Path | None, raw: bool) -> list | None:
+    """--tools FILE: a JSON list of OpenAI function tools, checked before the model loads."""
+    if path is None:
+        return None
+    if raw:
+        raise UserError("--tools needs the chat template (it declares the tools): drop --raw")
+    import json
+
+    from gemma4_mlx.engine.grammar import check_tools
+
+    try:
+        tools = json.loads(_decode(path.read_bytes(), f"{path}"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the tools ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    check_tools(tools)
+    return tools
+
+
 def _read_template(path: Path | None, raw: bool) -> str | None:
     if path is None:
         return None
@@ -287,12 +307,20 @@ def generate(
     json_schema: Path | None = typer.Option(
         None, "--json-schema", help="JSON schema file: the answer is enforced to be its JSON."
     ),
+    tools: Path | None = typer.Option(
+        None,
+        "--tools",
+        help="JSON file of OpenAI function tools: declared in the prompt, calls enforced to "
+        "their schemas and printed as JSON.",
+    ),
     dtype: str | None = DTYPE,
 ):
     """Generate text from a prompt, streamed to the terminal.
 
     The prompt goes through the tokenizer's chat template when it has one; a base model (no
     template, like the demo) continues it as raw text."""
+    import json
+
     from gemma4_mlx.generate import (
         check_context,
         check_max_tokens,
@@ -310,10 +338,15 @@ def generate(
     template_text = _read_template(chat_template, raw)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     schema = _read_schema(json_schema)
+    tool_list = _read_tools(tools, raw)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
-    tokens = build_prompt(tokenizer, prompt, system, thinking, raw, chat_template=template_text)
+    if tool_list and "tools" not in (template or ""):
+        raise UserError("--tools needs a chat template that declares tools (--chat-template)")
+    tokens = build_prompt(
+        tokenizer, prompt, system, thinking, raw, tools=tool_list, chat_template=template_text
+    )
     check_context(m, len(tokens), max_tokens)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
@@ -334,11 +367,14 @@ def generate(
         progress=progress,
         json_schema=schema,
         thinking=thinking,
+        tools=tool_list,
     )
     if json_out:
         typer.echo(result.to_json())
     else:
         sys.stdout.write("\n")
+        for call in result.tool_calls if tool_list else ():
+            typer.echo(json.dumps(call))
         _note(
             f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} prefilled) at "
             f"{result.prompt_tps:.1f} tok/s, {len(result.tokens)} generated at {result.generation_tps:.1f} tok/s, "

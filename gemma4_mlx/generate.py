@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from gemma4_mlx.errors import BadArgument, BadArgumentType
+from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
 
 # mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
@@ -198,13 +198,15 @@ def stream_generate(
     progress: Callable[[int, int], None] | None = None,
     json_schema: dict | None = None,
     thinking: bool = False,
+    tools: list[dict] | None = None,
 ) -> Iterator[Any]:
     """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
 
     ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
     policy. Ignored when ``prompt_cache`` is given (that cache is used as it is).
     ``json_schema``: the answer is that schema's JSON, enforced token by token (llguidance;
-    gemma4_mlx.engine.grammar), after a thought block if ``thinking``."""
+    gemma4_mlx.engine.grammar), after a thought block if ``thinking``; ``tools``: calls of
+    these OpenAI function tools follow their schemas (the prompt must declare them)."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -219,10 +221,10 @@ def stream_generate(
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     processors = None
-    if json_schema is not None:
-        from gemma4_mlx.engine.grammar import schema_processor
+    if json_schema is not None or tools is not None:
+        from gemma4_mlx.engine.grammar import grammar_processor
 
-        processors = [schema_processor(model, tokenizer, json_schema, thinking)]
+        processors = [grammar_processor(model, tokenizer, json_schema, tools, thinking)]
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
     yield from mlx_stream_generate(
@@ -295,6 +297,7 @@ def generate(
     on_note: Callable[[str], None] | None = None,
     json_schema: dict | None = None,
     thinking: bool = False,
+    tools: list[dict] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -304,7 +307,9 @@ def generate(
     prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
     the requested policy and its cache saved to the file. The result reports the policy used.
     ``json_schema``: the answer (``result.text``) is that schema's JSON, enforced while
-    sampling; ``thinking``: a thought block may come first.
+    sampling; ``thinking``: a thought block may come first. ``tools``: tool calls are
+    constrained to these tools' schemas and parsed into ``result.tool_calls``
+    (gemma4_mlx.toolcalls); build the prompt with the same tools (build_prompt(tools=...)).
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -341,12 +346,34 @@ def generate(
         progress,
         json_schema=json_schema,
         thinking=thinking,
+        tools=tools,
     ):
         pieces.append(response.text)
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    return _finish(pieces, responses, len(tokens), len(tokens) - reused, model, policy, cache)
+    result = _finish(pieces, responses, len(tokens), len(tokens) - reused, model, policy, cache)
+    if tools is not None:
+        _route_calls(result, tokenizer)
+    return result
+
+
+def _route_calls(result: GenerationResult, tokenizer: Any) -> None:
+    """Answer, thought and tool calls split by gemma4_mlx.toolcalls's token router (the
+    server's parser: <|"|> strings, nesting, several calls); an unparseable call raises."""
+    from gemma4_mlx.toolcalls import Router
+
+    stops = set(getattr(tokenizer, "eos_token_ids", ()))
+    router = Router(tokenizer)
+    deltas = [d for t in result.tokens if t not in stops for d in router.feed(t)]
+    deltas += router.finish()
+    errors = [d.text for d in deltas if d.kind == "tool_error"]
+    if errors:
+        raise UserError(f"the model wrote a tool call that cannot be parsed: {errors[0][:200]}")
+    result.text = "".join(d.text for d in deltas if d.kind == "content").strip()
+    thought = "".join(d.text for d in deltas if d.kind == "reasoning").strip()
+    result.thinking = thought or None
+    result.tool_calls = [d.call for d in deltas if d.kind == "tool_call"]
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:

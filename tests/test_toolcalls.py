@@ -165,3 +165,42 @@ def test_cli_generate_json_schema(tool_chat_model, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --json-schema cannot be enforced")
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "enum": ["utc", "cet"]}},
+                "required": ["zone"],
+            },
+        },
+    }
+]
+
+
+def test_cli_generate_tools_prints_parsed_calls(tool_chat_model, tmp_path, capsys):
+    """--tools: declared through the template, calls enforced and parsed (the random model
+    may answer in text instead: whatever it calls must be a valid call of a declared tool)."""
+    pytest.importorskip("llguidance")
+    from gemma4_mlx.cli import main
+
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(TOOLS))
+    args = ["generate", "-m", str(tool_chat_model), "-p", "hello", "--max-tokens", "30"]
+    calls = []
+    for seed in range(4):
+        main(args + ["--tools", str(path), "--json", "--temp", "1.0", "--seed", str(seed)])
+        result = json.loads(capsys.readouterr().out)
+        assert "<|tool_call>" not in result["text"]
+        calls += result["tool_calls"]
+    for call in calls:
+        assert call["name"] == "get_time" and call["arguments"]["zone"] in ("utc", "cet")
+    path.write_text('[{"type": "nope"}]')
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--tools", str(path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: --tools [0] must be")

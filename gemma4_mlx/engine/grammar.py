@@ -275,19 +275,42 @@ class SchemaLogitsProcessor:
         return self.processor.mask(logits.astype(mx.float32))
 
 
-def schema_processor(
-    model: Any, tokenizer: Any, json_schema: dict, thinking: bool = False
+def check_tools(tools: Any) -> None:
+    """OpenAI function tools: [{"type": "function", "function": {"name", "parameters"}}]."""
+    if not isinstance(tools, list) or not tools:
+        raise BadArgument("tools", "must be a non-empty list of function tools")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            tool.get("type") != "function"
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+        ):
+            raise BadArgument(
+                "tools", f'[{i}] must be {{"type": "function", "function": {{"name": ...}}}}'
+            )
+
+
+def grammar_processor(
+    model: Any,
+    tokenizer: Any,
+    json_schema: dict | None = None,
+    tools: list[dict] | None = None,
+    thinking: bool = False,
 ) -> SchemaLogitsProcessor:
-    """An mlx-lm logits processor that makes the answer ``json_schema``'s JSON (after an
-    optional thought block when ``thinking``); BadArgument if the schema cannot be enforced."""
+    """An mlx-lm logits processor for the answer grammar: ``json_schema``'s JSON and/or
+    Gemma 4 calls of ``tools`` (tool_choice auto), after an optional thought block when
+    ``thinking``; BadArgument if it cannot be enforced."""
     from gemma4_mlx.toolcalls import MarkerIds
 
-    if not isinstance(json_schema, dict):
+    if json_schema is not None and not isinstance(json_schema, dict):
         raise BadArgument("json_schema", f"must be a dict, got {type(json_schema).__name__}")
+    if tools is not None:
+        check_tools(tools)
+    # mlx-lm stops on the tokenizer's EOS ids only: the grammar ends on those.
     stop_ids = sorted(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
     compiler = GrammarCompiler(tokenizer, model.config.vocab_size, stop_ids)
-    grammar = build_grammar(
-        Constraint(json_schema=json_schema, thinking=thinking), MarkerIds.of(tokenizer)
-    )
-    matcher = compiler.matcher(grammar, "json_schema")
+    constraint = Constraint(json_schema=json_schema, tools=tools, thinking=thinking)
+    grammar = build_grammar(constraint, MarkerIds.of(tokenizer))
+    matcher = compiler.matcher(grammar, "json_schema" if json_schema is not None else "tools")
     return SchemaLogitsProcessor(GrammarProcessor(matcher, model.config.vocab_size))

@@ -1187,7 +1187,6 @@ class Server:
         config.check()
         self.state = ServerState(config)
         handler = type("BoundHandler", (Handler,), {"state": self.state})
-        ThreadingHTTPServer.allow_reuse_address = True
         try:
             self.httpd = ThreadingHTTPServer((config.host, config.port), handler)
         except OSError as e:

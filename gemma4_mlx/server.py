@@ -23,6 +23,7 @@ Rules (each is tested in tests/test_server*.py):
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import json
 import logging
 import os
@@ -235,6 +236,12 @@ class Api:
                     self.tokenizer, self.model.config.vocab_size, sorted(self.engine.stop_ids)
                 )
             return self._compiler
+
+    def warm_compiler(self) -> None:
+        try:
+            self.compiler()
+        except Exception as e:  # the first constrained request reports it as a 400
+            log.warning("constrained decoding unavailable: %s", e)
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -1238,6 +1245,10 @@ class Server:
         }
         api = Api(config, model, tokenizer, engine, info)
         self.state.api = api
+        if info["template"] and importlib.util.find_spec("llguidance") is not None:
+            # llguidance's tokenizer takes seconds on a 262K vocabulary: build it now, in the
+            # background, rather than inside the first constrained request.
+            threading.Thread(target=api.warm_compiler, name="gemma4-grammar", daemon=True).start()
         return api
 
     def close(self) -> None:

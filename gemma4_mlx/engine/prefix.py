@@ -58,6 +58,7 @@ class Hit:
     cache: list[Any] | None  # a private copy, ready to extend; None: prefill from scratch
     reused: int  # prompt tokens the cache already holds
     how: str  # "checkpoint" | "trimmed" | "miss"
+    common: int = 0  # tokens shared with the closest stored entry (where the prompt diverged)
 
 
 class PrefixStore:
@@ -104,20 +105,22 @@ class PrefixStore:
             return Hit(None, 0, "miss")
         found = self.trie.search(key, target)
         if found.exact is not None:
-            return self._take(key, found.exact, len(target), "checkpoint")
+            return self._take(key, found.exact, len(target), "checkpoint", len(target))
         short = len(found.shorter) if found.shorter is not None else 0
         if found.longer is not None and found.common_prefix > short:
             stored = self.trie.get(key, found.longer)
             n_trim = len(found.longer) - found.common_prefix
             if trim_is_exact(stored, n_trim):
-                hit = self._take(key, found.longer, found.common_prefix, "trimmed")
+                hit = self._take(
+                    key, found.longer, found.common_prefix, "trimmed", found.common_prefix
+                )
                 for layer in hit.cache:
                     layer.trim(n_trim)
                 return hit
         if short:
-            return self._take(key, found.shorter, short, "checkpoint")
-        return Hit(None, 0, "miss")
+            return self._take(key, found.shorter, short, "checkpoint", found.common_prefix)
+        return Hit(None, 0, "miss", found.common_prefix)
 
-    def _take(self, key: str, tokens: list[int], reused: int, how: str) -> Hit:
+    def _take(self, key: str, tokens: list[int], reused: int, how: str, common: int) -> Hit:
         self.lru.move_to_end((key, tuple(tokens)))
-        return Hit(copy.deepcopy(self.trie.get(key, tokens)), reused, how)
+        return Hit(copy.deepcopy(self.trie.get(key, tokens)), reused, how, common)

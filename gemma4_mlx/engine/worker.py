@@ -148,8 +148,16 @@ class Engine:
         hit = self.store.fetch(self.cache_key, prompt)
         cache = hit.cache if hit.cache is not None else self.model.make_cache()
         done = hit.reused
-        if hit.how == "miss" and len(self.store):
-            log.info("prompt cache miss (%d prompt tokens)", len(prompt))
+        if len(self.store) and hit.reused < len(prompt) - 1:
+            # Token counts only: prompts are never logged.
+            log.info(
+                "prompt cache: reused %d of %d prompt tokens (%s); the prompt diverges from "
+                "the closest stored entry at token %d",
+                hit.reused,
+                len(prompt),
+                hit.how,
+                hit.common,
+            )
         # Prefill all but the last token, stopping at each checkpoint to store a copy.
         stops = sorted({n for n in job.checkpoints if done < n < len(prompt)} | {len(prompt) - 1})
         total = len(prompt)

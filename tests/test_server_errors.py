@@ -518,3 +518,27 @@ def test_a_kv_cache_that_would_not_fit_is_refused_before_prefill(server):
         info["kv_bytes_per_token"] = per_token
     assert response.status == 400
     assert json.loads(payload)["error"]["code"] == "insufficient_memory"
+
+
+def test_a_wedged_worker_turns_health_503_and_back(tool_chat_model):
+    import threading
+
+    from gemma4_mlx.engine.worker import Job
+
+    srv = start(tool_chat_model, wedged_after_s=0.5)
+    try:
+        engine = _engine(srv)
+        gate = threading.Event()
+        original = engine.run
+        engine.run = lambda job: (gate.wait(10), original(job))[1]  # a job that makes no progress
+        engine.submit(Job(prompt=[2, 5], max_tokens=1))
+        time.sleep(1.0)
+        response, payload = request(srv, "GET", "/health")
+        assert response.status == 503 and json.loads(payload)["error"]["code"] == "worker_wedged"
+        gate.set()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and request(srv, "GET", "/health")[0].status != 200:
+            time.sleep(0.1)
+        assert request(srv, "GET", "/health")[0].status == 200
+    finally:
+        srv.close()

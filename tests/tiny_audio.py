@@ -1,0 +1,110 @@
+"""A tiny Gemma 4 audio tower + embedder built with transformers' own classes, for parity tests.
+
+``build_reference(seed)`` returns transformers' ``Gemma4AudioModel`` and ``Gemma4MultimodalEmbedder``
+(float32, eval) with every constant-initialised tensor perturbed: RMSNorm/LayerNorm weights (ones),
+``per_dim_scale`` (zeros), ``output_proj.bias`` (zeros), and the clip bounds of every clippable
+linear (+-inf), set to +-half the largest |value| seen at that point on a probe input so that they
+really clip. The small ``attention_logit_cap`` and ``gradient_clipping`` make the cap and the
+residual clamps bite as well. ``mlx_weights`` maps the state dicts onto our module tree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MEL = 128  # the real extractor's bins; subsampling_conv_channels[0] must equal it (see audio.py)
+TEXT_HIDDEN = 64
+
+AUDIO_CONFIG = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    subsampling_conv_channels=[MEL, 8],
+    conv_kernel_size=5,
+    attention_chunk_size=12,
+    attention_context_left=13,
+    attention_context_right=0,
+    attention_logit_cap=2.0,
+    gradient_clipping=4.0,
+    output_proj_dims=24,
+    use_clipped_linears=True,
+)
+
+
+def probe_features(seed: int = 0, lengths: tuple[int, ...] = (150, 97)) -> tuple:
+    """(B, T, MEL) float32 log-mel-like features with right padding, and the (B, T) bool mask."""
+    rng = np.random.default_rng(seed)
+    T = max(lengths)
+    feats = rng.normal(-2.0, 2.0, size=(len(lengths), T, MEL)).astype(np.float32)
+    mask = np.arange(T)[None, :] < np.array(lengths)[:, None]
+    return feats * mask[..., None], mask
+
+
+def build_reference(seed: int = 0):
+    import torch
+    from transformers.models.gemma4.configuration_gemma4 import (
+        Gemma4AudioConfig,
+        Gemma4TextConfig,
+    )
+    from transformers.models.gemma4.modeling_gemma4 import (
+        Gemma4AudioModel,
+        Gemma4ClippableLinear,
+        Gemma4MultimodalEmbedder,
+    )
+
+    torch.manual_seed(seed)
+    cfg = Gemma4AudioConfig(**AUDIO_CONFIG)
+    cfg._attn_implementation = "eager"
+    tower = Gemma4AudioModel(cfg).float().eval()
+    text_cfg = Gemma4TextConfig(hidden_size=TEXT_HIDDEN, vocab_size=16, num_hidden_layers=1)
+    embedder = Gemma4MultimodalEmbedder(cfg, text_cfg).float().eval()
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in list(tower.named_parameters()) + list(embedder.named_parameters()):
+            if name.endswith(".weight") and "norm" in name.split(".")[-2]:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("per_dim_scale"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            elif name == "output_proj.bias":
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+        # Clip bounds: +-half of what each clippable linear sees / produces on a probe batch.
+        seen: dict = {}
+
+        def hook(module, args, output):
+            seen[module] = (float(args[0].abs().max()), float(output.abs().max()))
+
+        clipped = [m for m in tower.modules() if isinstance(m, Gemma4ClippableLinear)]
+        handles = [m.linear.register_forward_hook(hook) for m in clipped]
+        feats, mask = probe_features(seed)
+        tower(torch.from_numpy(feats), torch.from_numpy(mask))
+        for h in handles:
+            h.remove()
+        for m in clipped:
+            lin = m.linear
+            x_max, y_max = seen[lin]
+            m.input_min.fill_(-0.5 * x_max)
+            m.input_max.fill_(0.45 * x_max)
+            m.output_min.fill_(-0.4 * y_max)
+            m.output_max.fill_(0.5 * y_max)
+    return tower, embedder
+
+
+def reference_outputs(tower, embedder, feats: np.ndarray, mask: np.ndarray):
+    """transformers' (tower hidden, output mask, embedded soft tokens) as numpy."""
+    import torch
+
+    with torch.no_grad():
+        out = tower(torch.from_numpy(feats), torch.from_numpy(mask))
+        hidden = out.last_hidden_state
+        return hidden.numpy(), out.attention_mask.numpy(), embedder(hidden).numpy()
+
+
+def mlx_weights(tower, embedder) -> dict:
+    """{our name: numpy array} under ``audio_tower.`` / ``embed_audio.`` (checkpoint layout)."""
+    weights = {}
+    for prefix, module in (("audio_tower.", tower), ("embed_audio.", embedder)):
+        for name, t in module.state_dict().items():
+            weights[prefix + name] = t.detach().numpy().copy()
+    return weights

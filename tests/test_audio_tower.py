@@ -7,6 +7,7 @@ import tiny_audio
 
 from gemma4_mlx.config import parse_config
 from gemma4_mlx.errors import UserError
+from gemma4_mlx.media.audio import token_count
 from gemma4_mlx.models import audio
 
 TOL = 5e-5
@@ -93,7 +94,7 @@ def test_soft_tokens_are_the_real_frames_only(towers):
     feats, mask = tiny_audio.probe_features(seed=4, lengths=(99, 40))
     tokens = audio.audio_soft_tokens(tower, embedder, mx.array(feats), mx.array(mask))
     assert [t.shape for t in tokens] == [(25, 64), (10, 64)]
-    assert [audio.audio_token_count(m) for m in mask] == [25, 10]
+    assert [token_count(m) for m in mask] == [25, 10]
 
 
 @pytest.mark.parametrize("offset", [-1, 0])

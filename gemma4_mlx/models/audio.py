@@ -440,9 +440,3 @@ def audio_soft_tokens(
     embedded = embedder(hidden)
     rows = np.array(out_mask)
     return [embedded[i][mx.array(np.flatnonzero(row))] for i, row in enumerate(rows)]
-
-
-def audio_token_count(frame_mask: Any) -> int:
-    """Soft tokens for one clip's (T,) frame mask: real frames after two stride-2 subsamplings."""
-    m = np.asarray(frame_mask, dtype=bool)[::2][::2]
-    return int(m.sum())

@@ -1,0 +1,1 @@
+"""Media inputs (audio, images, video) turned into what the towers read."""

@@ -9,6 +9,7 @@ from gemma4_mlx.config import parse_config
 from gemma4_mlx.errors import UserError
 from gemma4_mlx.media.audio import token_count
 from gemma4_mlx.models import audio
+from gemma4_mlx.models.vision import MultimodalEmbedder
 
 TOL = 5e-5
 
@@ -18,7 +19,7 @@ def towers():
     ref_tower, ref_embedder = tiny_audio.build_reference(seed=0)
     cfg = audio.audio_config_from_dict(tiny_audio.AUDIO_CONFIG)
     tower = audio.AudioModel(cfg)
-    embedder = audio.AudioEmbedder(cfg, tiny_audio.TEXT_HIDDEN)
+    embedder = MultimodalEmbedder(cfg.output_proj_dims, tiny_audio.TEXT_HIDDEN, cfg.rms_norm_eps)
     weights = {k: mx.array(v) for k, v in tiny_audio.mlx_weights(ref_tower, ref_embedder).items()}
     weights = tower.sanitize(weights, prefix="audio_tower.")
     tower.load_weights(

@@ -108,3 +108,85 @@ def mlx_weights(tower, embedder) -> dict:
         for name, t in module.state_dict().items():
             weights[prefix + name] = t.detach().numpy().copy()
     return weights
+
+
+# ---- the whole Gemma4ForConditionalGeneration with an audio tower (and the vision one) ----------
+
+
+def build_full_reference(name: str = "e2b", seed: int = 0):
+    """tiny_multimodal's Gemma4ForConditionalGeneration plus ``audio_config``, every constant-init
+    tensor perturbed as there, and clip bounds of the vision and audio linears set to clip."""
+    import tiny_multimodal as tmm
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4AudioConfig
+
+    cfg = tmm._config(name)  # its audio_config=None cannot be overridden through ``extra``
+    cfg.audio_config = Gemma4AudioConfig(**AUDIO_CONFIG)
+    cfg.audio_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(cfg).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or key.endswith(("_min", "_max")):
+                continue
+            noise = torch.randn(tensor.shape, generator=gen)
+            if key.endswith("std_bias"):
+                tensor.copy_(0.3 * noise)
+            elif key.endswith("std_scale"):
+                tensor.copy_(1.0 + 0.3 * noise)
+            elif key.endswith("position_embedding_table"):
+                tensor.copy_(0.5 * noise)
+            elif key.endswith("per_dim_scale") or key.endswith("output_proj.bias"):
+                tensor.copy_(0.5 * noise)  # zeros at init
+            elif "norm" in key or "scale" in key or "layer_scalar" in key:
+                tensor.add_(0.2 * noise)
+            else:
+                tensor.add_(0.05 * noise)
+        _set_clips(model, seed)
+    return model
+
+
+def _set_clips(model, seed: int) -> None:
+    """Bounds at about half of what each clippable linear sees on a sample image / clip."""
+    import tiny_multimodal as tmm
+    import torch
+
+    clipped = {
+        n: m for n, m in model.named_modules() if type(m).__name__ == "Gemma4ClippableLinear"
+    }
+    seen: dict = {}
+
+    def hook(name):
+        def fn(module, args, out):
+            seen[name] = [
+                float(args[0].min()),
+                float(args[0].max()),
+                float(out.min()),
+                float(out.max()),
+            ]
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in clipped.items()]
+    img = tmm.image_processor(70)([tmm.photo(50, 70, seed)], return_tensors="pt")
+    feats, mask = probe_features(seed)
+    model.model.get_image_features(img["pixel_values"], img["image_position_ids"])
+    model.model.get_audio_features(torch.from_numpy(feats), torch.from_numpy(mask))
+    for h in handles:
+        h.remove()
+    for name, m in clipped.items():
+        if not m.use_clipped_linears:
+            continue
+        lo_in, hi_in, lo_out, hi_out = seen[name]
+        m.input_min.fill_(0.6 * lo_in)
+        m.input_max.fill_(0.5 * hi_in)
+        m.output_min.fill_(0.5 * lo_out)
+        m.output_max.fill_(0.6 * hi_out)
+
+
+def write_full_checkpoint(out_dir, name: str = "e2b", seed: int = 0):
+    model = build_full_reference(name, seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir, model

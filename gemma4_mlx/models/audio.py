@@ -2,8 +2,8 @@
 
 log-mel features (B, T, 128) -> two stride-2 3x3 convolutions (T/4 frames, 40 ms each) -> N conformer
 layers (half-step FFN, chunked local self-attention with relative positions, causal light conv,
-half-step FFN) -> ``output_proj`` -> ``embed_audio`` (weightless RMSNorm + Linear into the text
-width). The executable reference is transformers 5.24's ``Gemma4AudioModel`` and
+half-step FFN) -> ``output_proj``; ``embed_audio`` (weightless RMSNorm + Linear into the text
+width) is the vision tower's ``MultimodalEmbedder``. The executable reference is transformers 5.24's ``Gemma4AudioModel`` and
 ``Gemma4MultimodalEmbedder``; module names equal its checkpoint keys under ``audio_tower.`` /
 ``embed_audio.``. Attention runs in float32 whatever the weights' dtype, as the reference does.
 """
@@ -393,6 +393,8 @@ class AudioModel(nn.Module):
                 f"{tuple(features.shape)} and {tuple(mask.shape)}"
             )
         mask = mask.astype(mx.bool_)
+        # The reference runs the tower in the weights' dtype (attention aside, float32 inside).
+        features = features.astype(self.subsample_conv_projection.layer0.conv.weight.dtype)
         x, mask = self.subsample_conv_projection(features, mask)
         pos_emb = relative_position_embeddings(self.config)
         attn_mask = block_attention_mask(self.config, mask)
@@ -419,20 +421,8 @@ class AudioModel(nn.Module):
         return out
 
 
-class AudioEmbedder(nn.Module):
-    """``embed_audio``: weightless RMSNorm -> Linear(output_proj_dims -> text hidden, no bias)."""
-
-    def __init__(self, cfg: AudioConfig, text_hidden: int):
-        super().__init__()
-        self.embedding_projection = nn.Linear(cfg.output_proj_dims, text_hidden, bias=False)
-        self._eps = cfg.rms_norm_eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.embedding_projection(mx.fast.rms_norm(x, None, self._eps))
-
-
 def audio_soft_tokens(
-    tower: AudioModel, embedder: AudioEmbedder, features: mx.array, mask: mx.array
+    tower: AudioModel, embedder: nn.Module, features: mx.array, mask: mx.array
 ) -> list[mx.array]:
     """One (n_i, text hidden) array of soft tokens per clip: its real output frames only (the
     reference's ``features[output_mask]``)."""

@@ -29,6 +29,7 @@ from mlx_lm.models.base import create_attention_mask
 
 from gemma4_mlx.config import SLIDING, ModelConfig, TextConfig, _get
 from gemma4_mlx.errors import UserError
+from gemma4_mlx.models.audio import AudioModel, audio_soft_tokens, parse_audio_config
 from gemma4_mlx.models.text import CausalLM
 from gemma4_mlx.models.vision import MultimodalEmbedder, VisionModel, parse_vision_config
 
@@ -148,14 +149,20 @@ class Gemma4Multimodal(nn.Module):
         self.language_model = CausalLM(config.text)
         raw = config.raw
         self.vision_config = None if text_only else parse_vision_config(raw, config.source)
-        self.media_tokens = (
-            parse_media_tokens(raw, config.source) if self.vision_config is not None else None
-        )
+        self.audio_config = None if text_only else parse_audio_config(config)
+        has_media = self.vision_config is not None or self.audio_config is not None
+        self.media_tokens = parse_media_tokens(raw, config.source) if has_media else None
         if self.vision_config is not None:
             vc = self.vision_config
             self.vision_tower = VisionModel(vc)
             self.embed_vision = MultimodalEmbedder(
                 vc.hidden_size, config.text.hidden_size, vc.rms_norm_eps
+            )
+        if self.audio_config is not None:
+            ac = self.audio_config
+            self.audio_tower = AudioModel(ac)
+            self.embed_audio = MultimodalEmbedder(
+                ac.output_proj_dims, config.text.hidden_size, ac.rms_norm_eps
             )
         text_raw = raw.get("text_config") or {}
         self.bidirectional_vision = text_raw.get("use_bidirectional_attention") == "vision"
@@ -167,6 +174,10 @@ class Gemma4Multimodal(nn.Module):
     @property
     def has_vision(self) -> bool:
         return self.vision_config is not None
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_config is not None
 
     # -- media -> soft tokens -----------------------------------------------------------------
 
@@ -181,12 +192,30 @@ class Gemma4Multimodal(nn.Module):
         per_image = self.vision_tower(pixel_values, image_position_ids)
         return self.embed_vision(mx.concatenate(per_image, axis=0))
 
+    def embed_audio_clips(self, input_features: Any, input_features_mask: Any) -> mx.array:
+        """Feature extractor arrays (clips, T, mel), (clips, T) -> (n_tokens_total, H): each clip's
+        real frames in order, as the reference's ``features[output_mask]``."""
+        if not self.has_audio:
+            raise ValueError("this checkpoint has no audio tower (no audio_config in config.json)")
+        if input_features_mask is None:
+            # The reference then skips audio silently (its placeholders stay pad embeddings).
+            raise ValueError("input_features need input_features_mask (the extractor returns both)")
+        clips = audio_soft_tokens(
+            self.audio_tower,
+            self.embed_audio,
+            mx.array(input_features),
+            mx.array(input_features_mask),
+        )
+        return mx.concatenate(clips, axis=0)
+
     def media_features(
         self,
         pixel_values: Any = None,
         image_position_ids: Any = None,
         pixel_values_videos: Any = None,
         video_position_ids: Any = None,
+        input_features: Any = None,
+        input_features_mask: Any = None,
     ) -> list[tuple[str, int, mx.array]]:
         """(modality, placeholder id, features (n, H)) for each modality given."""
         out = []
@@ -202,6 +231,9 @@ class Gemma4Multimodal(nn.Module):
             # Frames of every video concatenated; the same tower, one 70-token block per frame.
             feats = self.embed_image(pixel_values_videos, video_position_ids)
             out.append(("video", self.media_tokens.video, feats))
+        if input_features is not None:
+            feats = self.embed_audio_clips(input_features, input_features_mask)
+            out.append(("audio", self.media_tokens.audio, feats))
         return out
 
     def embed(self, inputs: mx.array, **media: Any) -> tuple[mx.array, mx.array | None]:
@@ -249,6 +281,8 @@ class Gemma4Multimodal(nn.Module):
         image_position_ids: Any = None,
         pixel_values_videos: Any = None,
         video_position_ids: Any = None,
+        input_features: Any = None,
+        input_features_mask: Any = None,
         mm_token_type_ids: Any = None,
     ) -> mx.array:
         """Logits (B, L, vocab) (``last_only``: (B, 1, vocab)). Without media this is the text
@@ -258,13 +292,15 @@ class Gemma4Multimodal(nn.Module):
             image_position_ids=image_position_ids,
             pixel_values_videos=pixel_values_videos,
             video_position_ids=video_position_ids,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
         )
         has_media = any(v is not None for v in media.values())
         if not has_media and mm_token_type_ids is None:
             return self.language_model(inputs, cache, input_embeddings, per_layer_inputs, last_only)
         if input_embeddings is not None:
             raise ValueError("pass media as processor arrays with token ids, not input_embeddings")
-        if has_media and not self.has_vision:
+        if (pixel_values is not None or pixel_values_videos is not None) and not self.has_vision:
             raise ValueError(
                 "this checkpoint has no vision tower (no vision_config in config.json)"
             )
@@ -292,6 +328,10 @@ class Gemma4Multimodal(nn.Module):
             # The position table and the embedder into the text model stay at >= 8 bits.
             if path.startswith("embed_") or "position_embedding" in path:
                 return {"group_size": 64, "bits": 8}
+            if path.startswith("audio_tower"):
+                # Kept in float: the clip bounds were fitted to float activations, and the tiny
+                # convolution-fed widths need not divide a quantization group.
+                return False
             if path.startswith(_MEDIA_PREFIXES):
                 return True
             return text(path.removeprefix("language_model."), module)
@@ -311,6 +351,10 @@ class Gemma4Multimodal(nn.Module):
         for name, value in media.items():
             if name.startswith(("vision_tower", "embed_vision")) and self.has_vision:
                 out[name] = value
+            if name.startswith(("audio_tower", "embed_audio")) and self.has_audio:
+                out[name] = value
+        if self.has_audio:
+            out = self.audio_tower.sanitize(out, prefix="audio_tower.")
         return out
 
 
@@ -323,8 +367,18 @@ def check_media_supported(model: nn.Module) -> None:
         )
 
 
+def check_audio_supported(model: nn.Module) -> None:
+    """A UserError when audio is given to a model without an audio tower (26B, 31B)."""
+    if not getattr(model, "has_audio", False):
+        raise UserError(
+            "this model has no audio tower (26B/31B and text-only checkpoints, or loaded with "
+            "--text-only); audio needs Gemma 4 E2B or E4B"
+        )
+
+
 __all__ = [
     "Gemma4Multimodal",
+    "check_audio_supported",
     "MediaTokens",
     "bidirectional_overlay",
     "check_media_supported",

@@ -502,7 +502,8 @@ class MultimodalWrapper(nn.Module):
 def build_model(config: ModelConfig, text_only: bool = False) -> nn.Module:
     """The model for a parsed config.json, following mlx-lm's model protocol. A ``gemma4``
     config with a ``vision_config`` gets its vision tower unless ``text_only``."""
-    if config.model_type == "gemma4" and config.raw.get("vision_config") and not text_only:
+    media = config.raw.get("vision_config") or config.raw.get("audio_config")
+    if config.model_type == "gemma4" and media and not text_only:
         from gemma4_mlx.models.multimodal import Gemma4Multimodal
 
         return Gemma4Multimodal(config)

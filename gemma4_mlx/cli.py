@@ -140,6 +140,12 @@ def generate(
         False, "--json", help="Print one JSON object instead of streaming text."
     ),
     dtype: str | None = DTYPE,
+    audio: list[Path] | None = typer.Option(
+        None,
+        "--audio",
+        help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
+        "repeatable. E2B/E4B only.",
+    ),
 ):
     """Generate text from a prompt, streamed to the terminal."""
     from gemma4_mlx.generate import generate as run_generate
@@ -153,11 +159,26 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     policy = _policy(locals())
+    for path in audio or []:
+        if not path.is_file():  # before the (slow) model load
+            raise UserError(f"{path}: no such audio file")
     model_dir, m, tokenizer = _load(model, dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
     use_template = not raw and _has_template(tokenizer)
-    tokens = build_prompt(tokenizer, prompt, system=system, thinking=thinking, raw=not use_template)
+    if audio:
+        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
+        from gemma4_mlx.models.multimodal import check_audio_supported
+
+        check_audio_supported(m)
+        if use_template:  # the template's audio items: one placeholder each, before the text
+            prompt = AUDIO_PLACEHOLDER * len(audio) + prompt
+    if audio and not use_template:
+        tokens = prompt  # audio_prompt places the audio at placeholders or in front
+    else:
+        tokens = build_prompt(
+            tokenizer, prompt, system=system, thinking=thinking, raw=not use_template
+        )
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
         typer.echo(warning, err=True)
@@ -173,6 +194,7 @@ def generate(
         prompt_cache_file=prompt_cache_file,
         on_text=stream,
         progress=progress,
+        audio=list(audio) if audio else None,
     )
     if json_out:
         typer.echo(result.to_json())

@@ -195,13 +195,29 @@ def generate(
     prompt_cache_file: str | Path | None = None,
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    audio: list[str | Path | Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
     With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
+
+    ``audio``: files or 16 kHz mono float arrays (E2B/E4B). Each one fills a ``<|audio|>``
+    placeholder of the prompt, in order; a str prompt without placeholders gets them in front.
     """
     policy = kv_policy or KVPolicy()
+    if audio:
+        if prompt_cache_file is not None:
+            raise UserError("--prompt-cache-file cannot be combined with audio input")
+        tokens, media = audio_prompt(model, tokenizer, prompt, audio)
+        _check_context(model, len(tokens), max_tokens)
+        cache = model.make_cache(policy)
+        # Soft tokens are written at their placeholders: the media prompt is one prefill call.
+        model(mx.array([tokens[:-1]]), cache=cache, **media)
+        mx.eval([c.state for c in cache])
+        return _generate_from(
+            model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text
+        )
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
@@ -215,7 +231,38 @@ def generate(
         _prefill(model, cache, tokens[:-1])
         _save_prefix(Path(prompt_cache_file), cache, tokens[:-1])
         remaining = tokens[-1:]
+    return _generate_from(
+        model,
+        tokenizer,
+        tokens,
+        len(tokens) - reused,
+        max_tokens,
+        sampling,
+        cache,
+        policy,
+        on_text,
+        progress,
+        remaining,
+    )
+
+
+def _generate_from(
+    model,
+    tokenizer,
+    tokens,
+    prefilled,
+    max_tokens,
+    sampling,
+    cache,
+    policy,
+    on_text,
+    progress=None,
+    remaining=None,
+) -> GenerationResult:
+    """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
+    (default: all but the last token); ``prefilled`` tokens ran through the model."""
     pieces, responses = [], []
+    remaining = tokens[-1:] if remaining is None else remaining
     for response in stream_generate(
         model, tokenizer, remaining, max_tokens, sampling, cache, policy, progress
     ):
@@ -223,7 +270,42 @@ def generate(
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    return _finish(pieces, responses, len(tokens), len(tokens) - reused, policy, cache)
+    return _finish(pieces, responses, len(tokens), prefilled, policy, cache)
+
+
+def audio_prompt(
+    model: Any, tokenizer: Any, prompt: str | list[int], audio: list[str | Path | Any]
+) -> tuple[list[int], dict[str, Any]]:
+    """(prompt ids with each audio item's ``<|audio>`` blocks, the model's audio arguments)."""
+    from gemma4_mlx.media.audio import (
+        AUDIO_PLACEHOLDER,
+        LogMelConfig,
+        expand_audio_placeholders,
+        prepare_audio,
+    )
+    from gemma4_mlx.models.multimodal import check_audio_supported
+
+    check_audio_supported(model)
+    ids = model.media_tokens
+    if ids.audio is None or ids.boa is None or ids.eoa is None:
+        raise UserError("config.json lacks audio_token_id / boa_token_id / eoa_token_index")
+    prepared = prepare_audio(list(audio), getattr(model, "feature_extractor", LogMelConfig()))
+    if isinstance(prompt, str):
+        pieces = prompt.split(AUDIO_PLACEHOLDER)
+        if len(pieces) == 1:
+            pieces = [""] * len(audio) + pieces
+        tokens = list(tokenizer.encode(pieces[0]))  # BOS as a plain str prompt gets it
+        for piece in pieces[1:]:
+            tokens += [ids.audio] + _encode_plain(tokenizer, piece)
+    else:
+        tokens = list(prompt)
+    tokens = expand_audio_placeholders(tokens, prepared, ids.audio, ids.boa, ids.eoa)
+    return tokens, dict(input_features=prepared.features, input_features_mask=prepared.mask)
+
+
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    return list(tok.encode(text, add_special_tokens=False)) if text else []
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:

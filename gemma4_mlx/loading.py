@@ -173,6 +173,10 @@ def load_model(
             for k, v in weights.items()
         }
     _check_and_load(model, weights, model_dir)
+    if getattr(model, "has_audio", False):  # the checkpoint's log-mel settings travel with it
+        from gemma4_mlx.media.audio import log_mel_config
+
+        model.feature_extractor = log_mel_config(model_dir)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

@@ -190,3 +190,32 @@ def write_full_checkpoint(out_dir, name: str = "e2b", seed: int = 0):
     model = build_full_reference(name, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir, model
+
+
+MEDIA_TOKENS = [
+    "<|image|>",
+    "<|audio|>",
+    "<|video|>",
+    "<|image>",
+    "<image|>",
+    "<|audio>",
+    "<audio|>",
+]
+
+
+def write_media_tokenizer(model_dir, vocab: int = 512) -> None:
+    """tests/tiny_tokenizer.py's tokenizer with fillers so that the media tokens get the ids of
+    tiny_multimodal (500..506), padded to the tiny vocabulary."""
+    from tiny_tokenizer import write_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    write_tokenizer(model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    filler = [f"<unused{i}>" for i in range(len(tok), 500)]
+    tok.add_special_tokens({"additional_special_tokens": filler + MEDIA_TOKENS})
+    tok.add_special_tokens(
+        {"additional_special_tokens": [f"<unused{i}>" for i in range(len(tok), vocab)]},
+        replace_extra_special_tokens=False,
+    )
+    assert tok.convert_tokens_to_ids("<|audio|>") == 501 and len(tok) == vocab
+    tok.save_pretrained(str(model_dir))

@@ -295,3 +295,31 @@ def prepare_audio(
         token_counts=tuple(token_count(m) for m in mask),
         source_index=tuple(sources),
     )
+
+
+# ---- prompt -------------------------------------------------------------------------------------
+
+AUDIO_PLACEHOLDER = "<|audio|>"  # what the chat template writes for an audio content item
+
+
+def expand_audio_placeholders(
+    ids: list[int], audio: AudioInput, audio_id: int, boa_id: int, eoa_id: int
+) -> list[int]:
+    """Each ``<|audio|>`` id in ``ids`` stands for one input item (in order); it becomes
+    ``<|audio>`` + n x ``<|audio|>`` + ``<audio|>`` per 30 s clip of that item (n from the mask,
+    as the reference's ``Gemma4Processor.replace_audio_token``)."""
+    n_items = len(set(audio.source_index))
+    slots = [i for i, t in enumerate(ids) if t == audio_id]
+    if len(slots) != n_items:
+        raise UserError(
+            f"the prompt has {len(slots)} audio placeholder(s) ({AUDIO_PLACEHOLDER}) for "
+            f"{n_items} audio input(s)"
+        )
+    blocks: list[list[int]] = [[] for _ in range(n_items)]
+    for source, n in zip(audio.source_index, audio.token_counts):
+        blocks[source] += [boa_id] + [audio_id] * n + [eoa_id]
+    out, start = [], 0
+    for item, slot in enumerate(slots):
+        out += ids[start:slot] + blocks[item]
+        start = slot + 1
+    return out + ids[start:]

@@ -343,7 +343,7 @@ def bench(
     ctx: typer.Context,
     name: str = typer.Argument(
         ...,
-        help="quality | needle | speed | memory | distortion | weights (then its own options, or --help)",
+        help="quality | needle | speed | memory | distortion | weights | audio (then its own options, or --help)",
     ),
 ):
     """Run a benchmark (JSON + PNG under --out, default benchmarks/results; --quick for a smoke run)."""

@@ -254,7 +254,8 @@ def chat(
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit."""
+    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /audio PATH
+    (attach audio to the next message; E2B/E4B), /quit."""
     from gemma4_mlx.generate import Chat
 
     policy = _policy(locals())
@@ -268,6 +269,7 @@ def chat(
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
     )
     interactive = sys.stdin.isatty()
+    pending_audio: list[Path] = []
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -284,14 +286,39 @@ def chat(
             session.reset()
             typer.echo("[conversation reset]", err=True)
             continue
+        if line.startswith("/audio"):
+            from gemma4_mlx.models.multimodal import check_audio_supported
+
+            path = Path(line.removeprefix("/audio").strip())
+            try:
+                check_audio_supported(m)
+                if not path.is_file():
+                    raise UserError(f"{path}: no such audio file")
+            except UserError as e:  # the session goes on
+                typer.echo(f"error: {e}", err=True)
+                continue
+            pending_audio.append(path)
+            typer.echo(f"[{path} goes with the next message]", err=True)
+            continue
         if line.startswith("/save"):
             path = line.removeprefix("/save").strip() or "chat-cache.safetensors"
             session.save(path)
             typer.echo(f"[saved the conversation's KV cache to {path}]", err=True)
             continue
-        result = session.send(
-            line, max_tokens=max_tokens, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush())
-        )
+        try:
+            result = session.send(
+                line,
+                max_tokens=max_tokens,
+                on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                audio=pending_audio,
+            )
+        except UserError as e:  # an unreadable audio file: the session goes on
+            if not pending_audio:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            pending_audio = []
+            continue
+        pending_audio = []
         sys.stdout.write("\n")
         typer.echo(
             f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "

@@ -358,9 +358,10 @@ class Chat:
     cache: list[Any] | None = None
     cached_tokens: list[int] = field(default_factory=list)
     last_prefilled: int = 0
+    audio: list[Any] = field(default_factory=list)  # every turn's audio inputs, in order
 
     def reset(self) -> None:
-        self.messages, self.cache, self.cached_tokens = [], None, []
+        self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
 
     def _next_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
         """(all tokens of the conversation, how many of them the cache already holds).
@@ -390,21 +391,44 @@ class Chat:
         return self.cached_tokens + new, len(self.cached_tokens)
 
     def send(
-        self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
+        self,
+        text: str,
+        max_tokens: int = 256,
+        on_text: Callable[[str], None] | None = None,
+        audio: list[str | Path | Any] | None = None,
     ) -> GenerationResult:
+        """One user turn; ``audio`` (files or 16 kHz arrays) goes before the text, as the chat
+        template places audio items."""
+        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
+
         if not text.strip():
             raise UserError("the message is empty")
+        audio = list(audio or [])
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": AUDIO_PLACEHOLDER * len(audio) + text})
         tokens, common = self._next_tokens(messages)
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
+        # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
+        turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
+        if turn_audio:
+            new, media = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+            tokens = tokens[:common] + new
+            _check_context(self.model, len(tokens), max_tokens)
+            self.model(mx.array([new[:-1]]), cache=self.cache, **media)
+            mx.eval([c.state for c in self.cache])
         pieces, responses = [], []
         for r in stream_generate(
-            self.model, self.tokenizer, new, max_tokens, self.sampling, self.cache, self.kv_policy
+            self.model,
+            self.tokenizer,
+            new[-1:] if turn_audio else new,
+            max_tokens,
+            self.sampling,
+            self.cache,
+            self.kv_policy,
         ):
             pieces.append(r.text)
             responses.append(r)
@@ -418,6 +442,7 @@ class Chat:
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
+        self.audio = self.audio + audio
         return result
 
     def save(self, path: str | Path) -> None:

@@ -96,3 +96,76 @@ def test_cli_audio_errors_are_one_line(audio_model, tiny_chat_model, speech_wav,
         assert code == 2
         assert message in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_chat_turn_with_audio_then_a_cached_text_turn(audio_model):
+    from gemma4_mlx import Chat
+    from gemma4_mlx.tokenizer import build_prompt
+
+    path, _ = audio_model
+    model, tokenizer = load(path)
+    clip = _clip(0.6, 2)
+    chat = Chat(model, tokenizer)
+    first = chat.send("hello world", max_tokens=4, audio=[clip])
+    ids = build_prompt(tokenizer, "<|audio|>hello world")
+    direct = generate(model, tokenizer, ids, max_tokens=4, audio=[clip])
+    assert first.tokens == direct.tokens
+    assert first.prompt_tokens == direct.prompt_tokens
+    second = chat.send("the quick brown fox", max_tokens=4)
+    assert chat.last_prefilled < second.prompt_tokens - 15  # the audio turn came from the cache
+    # The cached turn sees the first turn's audio: its first token is the argmax of the whole
+    # conversation run at once with that audio.
+    import mlx.core as mx
+
+    prompt = chat.cached_tokens[: -len(second.tokens)]
+    prepared = prepare_audio([clip])
+    logits = model(
+        mx.array([prompt]), input_features=prepared.features, input_features_mask=prepared.mask
+    )
+    assert int(logits[0, -1].argmax()) == second.tokens[0]
+
+
+def test_chat_prefilled_from_scratch_re_reads_earlier_turns_audio(audio_model):
+    from gemma4_mlx import Chat
+    from gemma4_mlx.tokenizer import conversation_tokens
+
+    path, _ = audio_model
+    model, tokenizer = load(path)
+    clip = _clip(0.6, 3)
+    history = [
+        {"role": "user", "content": "<|audio|>hello world"},
+        {"role": "assistant", "content": "the quick"},
+    ]
+    chat = Chat(model, tokenizer, messages=list(history), audio=[clip])
+    got = chat.send("brown fox", max_tokens=4)
+    ids = conversation_tokens(tokenizer, history + [{"role": "user", "content": "brown fox"}])
+    want = generate(model, tokenizer, ids, max_tokens=4, audio=[clip])
+    assert got.prompt_tokens == want.prompt_tokens
+    assert got.tokens == want.tokens
+
+
+def test_audio_to_a_vision_only_checkpoint_is_a_clear_error(tmp_path):
+    from gemma4_mlx.errors import UserError
+    from gemma4_mlx.generate import audio_prompt
+    from gemma4_mlx.loading import load_model
+
+    path, _ = tmm.write_checkpoint("26b", tmp_path / "tiny-26b")
+    model, _ = load_model(path)
+    assert model.has_vision and not model.has_audio
+    with pytest.raises(UserError, match="no audio tower"):
+        audio_prompt(model, None, [2, tmm.AUD, 5], [_clip(0.5, 0)])
+
+
+def test_chat_command_attaches_audio_to_the_next_message(
+    audio_model, speech_wav, tmp_path, capsys, monkeypatch
+):
+    path, _ = audio_model
+    stdin = f"/audio {tmp_path / 'missing.wav'}\n/audio {speech_wav}\nhello\nthe quick\n/quit\n"
+    code, _, err = run_cli(
+        ["chat", "-m", str(path), "--max-tokens", "3"], capsys, stdin=stdin, monkeypatch=monkeypatch
+    )
+    assert code == 0, err
+    assert "missing.wav: no such audio file" in err
+    n_audio = prepare_audio([load_audio(speech_wav)]).token_counts[0]
+    first, second = [int(line.split()[1]) for line in err.splitlines() if "prefilled" in line]
+    assert first > n_audio > second  # the audio went with the first message, then was cached

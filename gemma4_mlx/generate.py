@@ -39,6 +39,7 @@ class GenerationResult:
     finish_reason: str | None
     kv_cache: str = ""
     kv_cache_bytes: int = 0
+    image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -195,14 +196,23 @@ def generate(
     prompt_cache_file: str | Path | None = None,
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    images: list[Any] | None = None,
+    image_tokens: int = 280,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
     With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
+    ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens.
     """
     policy = kv_policy or KVPolicy()
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if images:
+        return _generate_with_images(
+            model, tokenizer, tokens, images, image_tokens, max_tokens, sampling, policy,
+            prompt_cache_file, on_text, progress,
+        )  # fmt: skip
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
         cache, reused = _load_prefix(Path(prompt_cache_file), tokens)
@@ -224,6 +234,35 @@ def generate(
         if on_text is not None and response.text:
             on_text(response.text)
     return _finish(pieces, responses, len(tokens), len(tokens) - reused, policy, cache)
+
+
+def _generate_with_images(
+    model, tokenizer, tokens, images, budget, max_tokens, sampling, policy, cache_file, on_text,
+    progress,
+) -> GenerationResult:  # fmt: skip
+    """The whole prompt but its last token in one call (an image block is never cut: the
+    26B/31B overlay needs every block whole), then mlx-lm's loop from the last token."""
+    from gemma4_mlx.media import prepare_images
+
+    if cache_file is not None:
+        raise UserError("--prompt-cache-file cannot be combined with images")
+    tokens, media, counts = prepare_images(model, tokens, images, budget)
+    _check_context(model, len(tokens), max_tokens)
+    cache = model.make_cache(policy)
+    media["mm_token_type_ids"] = media["mm_token_type_ids"][:, :-1]
+    model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
+    mx.eval([c.state for c in cache])
+    pieces, responses = [], []
+    for response in stream_generate(
+        model, tokenizer, tokens[-1:], max_tokens, sampling, cache, policy, progress
+    ):
+        pieces.append(response.text)
+        responses.append(response)
+        if on_text is not None and response.text:
+            on_text(response.text)
+    result = _finish(pieces, responses, len(tokens), len(tokens), policy, cache)
+    result.image_tokens = counts
+    return result
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:

@@ -140,3 +140,35 @@ def test_placeholder_count_mismatch_raises(tiny_mm_chat, photo_file):
     ids = build_prompt(tokenizer, "no placeholder here")
     with pytest.raises(UserError, match="0 image placeholder"):
         generate(model, tokenizer, ids, max_tokens=2, images=[photo_file], image_tokens=70)
+
+
+def _image_logits(path, photo, **load_kw):
+    from gemma4_mlx.loading import load_model
+
+    model, _ = load_model(path, **load_kw)
+    ids = [5, 9, model.media_tokens.image, 33, 70]
+    expanded, media, _ = prepare_images(model, ids, [photo], 70)
+    return model, np.array(model(mx.array([expanded]), **media))
+
+
+def test_convert_keeps_the_vision_tower_and_processor_config(tiny_mm_chat, photo_file, tmp_path):
+    from gemma4_mlx.convert import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_mm_chat, src)
+    processor = {"image_processor": {"max_soft_tokens": 280}, "image_seq_length": 280}
+    (src / "processor_config.json").write_text(json.dumps(processor))
+    out = convert(src, tmp_path / "float")
+    assert json.loads((out / "processor_config.json").read_text()) == processor
+    _, ours = _image_logits(out, photo_file)
+    _, theirs = _image_logits(src, photo_file)
+    assert np.array_equal(ours, theirs)
+
+    q = convert(src, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32)
+    model, quantized = _image_logits(q, photo_file)
+    proj = model.embed_vision.embedding_projection
+    assert proj.bits == 8  # the embedder into the text model stays at 8 bits
+    assert model.vision_tower.encoder.layers[0].mlp.up_proj.linear.bits == 4
+    assert model.vision_tower.patch_embedder.position_embedding_table.dtype == mx.float32
+    # random tiny weights at 4 bits say nothing about quality: only that it loads and runs
+    assert quantized.shape == theirs.shape and np.isfinite(quantized).all()

@@ -94,11 +94,11 @@ def _sampling(model_dir: Path, temp, top_p, top_k, min_p, seed):
     )
 
 
-def _load(model: str, dtype: str | None):
+def _load(model: str, dtype: str | None, text_only: bool = False):
     from gemma4_mlx.loading import load_model, load_tokenizer, resolve_model_path
 
     model_dir = resolve_model_path(model)
-    m, config = load_model(model_dir, dtype=dtype)
+    m, config = load_model(model_dir, dtype=dtype, text_only=text_only)
     return model_dir, m, load_tokenizer(model_dir, config)
 
 
@@ -140,6 +140,15 @@ def generate(
         False, "--json", help="Print one JSON object instead of streaming text."
     ),
     dtype: str | None = DTYPE,
+    image: list[str] = typer.Option(
+        [], "--image", help="An image file to show the model (repeatable); placed before the text."
+    ),
+    image_tokens: int = typer.Option(
+        280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
+    ),
+    text_only: bool = typer.Option(
+        False, "--text-only", help="Skip the vision and audio towers (less memory, text only)."
+    ),
     audio: list[Path] | None = typer.Option(
         None,
         "--audio",
@@ -162,23 +171,27 @@ def generate(
     for path in audio or []:
         if not path.is_file():  # before the (slow) model load
             raise UserError(f"{path}: no such audio file")
-    model_dir, m, tokenizer = _load(model, dtype)
+    if image:
+        from gemma4_mlx.media.image import check_budget
+
+        check_budget(image_tokens)
+    model_dir, m, tokenizer = _load(model, dtype, text_only)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
     use_template = not raw and _has_template(tokenizer)
-    if audio:
-        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
+    if audio:  # one placeholder per file before the text (after the images), as the template
+        from gemma4_mlx.media.audio import audio_placeholder
         from gemma4_mlx.models.multimodal import check_audio_supported
 
         check_audio_supported(m)
-        if use_template:  # the template's audio items: one placeholder each, before the text
-            prompt = AUDIO_PLACEHOLDER * len(audio) + prompt
-    if audio and not use_template:
-        tokens = prompt  # audio_prompt places the audio at placeholders or in front
-    else:
-        tokens = build_prompt(
-            tokenizer, prompt, system=system, thinking=thinking, raw=not use_template
-        )
+        prompt = audio_placeholder(tokenizer, m.media_tokens) * len(audio) + prompt
+    if image:
+        from gemma4_mlx.media import with_image_placeholders
+        from gemma4_mlx.models.multimodal import check_media_supported
+
+        check_media_supported(m)
+        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image))
+    tokens = build_prompt(tokenizer, prompt, system=system, thinking=thinking, raw=not use_template)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
         typer.echo(warning, err=True)
@@ -194,6 +207,8 @@ def generate(
         prompt_cache_file=prompt_cache_file,
         on_text=stream,
         progress=progress,
+        images=image or None,
+        image_tokens=image_tokens,
         audio=list(audio) if audio else None,
     )
     if json_out:

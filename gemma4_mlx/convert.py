@@ -30,7 +30,8 @@ COPY_PATTERNS = (
     "generation_config.json",
     "chat_template*",
     "processor_config.json",
-    "preprocessor_config.json",
+    "preprocessor_config.json",  # image processor + audio feature extractor, token counts
+    "video_preprocessor_config.json",
     "*.jinja",
     "tokenizer.model",
 )

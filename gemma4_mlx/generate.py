@@ -39,6 +39,8 @@ class GenerationResult:
     finish_reason: str | None
     kv_cache: str = ""
     kv_cache_bytes: int = 0
+    image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
+    audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -195,29 +197,25 @@ def generate(
     prompt_cache_file: str | Path | None = None,
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    images: list[Any] | None = None,
+    image_tokens: int = 280,
     audio: list[str | Path | Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
     With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
-
-    ``audio``: files or 16 kHz mono float arrays (E2B/E4B). Each one fills a ``<|audio|>``
-    placeholder of the prompt, in order; a str prompt without placeholders gets them in front.
+    ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens.
+    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
+    one each; a str prompt without any gets them in front.
     """
     policy = kv_policy or KVPolicy()
-    if audio:
-        if prompt_cache_file is not None:
-            raise UserError("--prompt-cache-file cannot be combined with audio input")
-        tokens, media = audio_prompt(model, tokenizer, prompt, audio)
-        _check_context(model, len(tokens), max_tokens)
-        cache = model.make_cache(policy)
-        # Soft tokens are written at their placeholders: the media prompt is one prefill call.
-        model(mx.array([tokens[:-1]]), cache=cache, **media)
-        mx.eval([c.state for c in cache])
-        return _generate_from(
-            model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text
-        )
+    if images or audio:
+        return _generate_with_media(
+            model, tokenizer, prompt, images, image_tokens, audio, max_tokens, sampling, policy,
+            prompt_cache_file, on_text, progress,
+        )  # fmt: skip
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
@@ -232,33 +230,15 @@ def generate(
         _save_prefix(Path(prompt_cache_file), cache, tokens[:-1])
         remaining = tokens[-1:]
     return _generate_from(
-        model,
-        tokenizer,
-        tokens,
-        len(tokens) - reused,
-        max_tokens,
-        sampling,
-        cache,
-        policy,
-        on_text,
-        progress,
-        remaining,
-    )
+        model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
+        on_text, progress, remaining,
+    )  # fmt: skip
 
 
 def _generate_from(
-    model,
-    tokenizer,
-    tokens,
-    prefilled,
-    max_tokens,
-    sampling,
-    cache,
-    policy,
-    on_text,
-    progress=None,
-    remaining=None,
-) -> GenerationResult:
+    model, tokenizer, tokens, prefilled, max_tokens, sampling, cache, policy, on_text,
+    progress=None, remaining=None,
+) -> GenerationResult:  # fmt: skip
     """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
     (default: all but the last token); ``prefilled`` tokens ran through the model."""
     pieces, responses = [], []
@@ -273,10 +253,46 @@ def _generate_from(
     return _finish(pieces, responses, len(tokens), prefilled, policy, cache)
 
 
+def _generate_with_media(
+    model, tokenizer, prompt, images, budget, audio, max_tokens, sampling, policy, cache_file,
+    on_text, progress,
+) -> GenerationResult:  # fmt: skip
+    """The whole prompt but its last token in one call (soft tokens are written at their
+    placeholders, and an image block is never cut: the 26B/31B overlay needs every block
+    whole), then mlx-lm's loop from the last token."""
+    from gemma4_mlx.media import prepare_images
+
+    if cache_file is not None:
+        raise UserError("--prompt-cache-file cannot be combined with images or audio")
+    media: dict[str, Any] = {}
+    audio_counts: list[int] = []
+    if audio:
+        tokens, media, audio_counts = audio_prompt(model, tokenizer, prompt, audio)
+    else:
+        tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    image_counts: list[int] = []
+    if images:  # after the audio expansion: the token types cover the final ids
+        tokens, image_media, image_counts = prepare_images(model, tokens, images, budget)
+        image_media["mm_token_type_ids"] = image_media["mm_token_type_ids"][:, :-1]
+        media.update(image_media)
+    _check_context(model, len(tokens), max_tokens)
+    cache = model.make_cache(policy)
+    model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
+    mx.eval([c.state for c in cache])
+    result = _generate_from(
+        model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
+        progress,
+    )  # fmt: skip
+    result.image_tokens = image_counts
+    result.audio_tokens = audio_counts
+    return result
+
+
 def audio_prompt(
     model: Any, tokenizer: Any, prompt: str | list[int], audio: list[str | Path | Any]
-) -> tuple[list[int], dict[str, Any]]:
-    """(prompt ids with each audio item's ``<|audio>`` blocks, the model's audio arguments)."""
+) -> tuple[list[int], dict[str, Any], list[int]]:
+    """(prompt ids with each audio item's ``<|audio>`` blocks, the model's audio arguments,
+    soft tokens per 30 s clip)."""
     from gemma4_mlx.media.audio import (
         AUDIO_PLACEHOLDER,
         LogMelConfig,
@@ -300,7 +316,8 @@ def audio_prompt(
     else:
         tokens = list(prompt)
     tokens = expand_audio_placeholders(tokens, prepared, ids.audio, ids.boa, ids.eoa)
-    return tokens, dict(input_features=prepared.features, input_features_mask=prepared.mask)
+    media = dict(input_features=prepared.features, input_features_mask=prepared.mask)
+    return tokens, media, list(prepared.token_counts)
 
 
 def _encode_plain(tokenizer: Any, text: str) -> list[int]:
@@ -415,10 +432,10 @@ class Chat:
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
         if turn_audio:
-            new, media = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+            new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
             tokens = tokens[:common] + new
             _check_context(self.model, len(tokens), max_tokens)
-            self.model(mx.array([new[:-1]]), cache=self.cache, **media)
+            self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
             mx.eval([c.state for c in self.cache])
         pieces, responses = [], []
         for r in stream_generate(

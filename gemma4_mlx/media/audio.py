@@ -302,6 +302,18 @@ def prepare_audio(
 AUDIO_PLACEHOLDER = "<|audio|>"  # what the chat template writes for an audio content item
 
 
+def audio_placeholder(tokenizer: Any, tokens) -> str:
+    """The text that tokenizes to the single ``<|audio|>`` id (``tokens``: MediaTokens)."""
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    text = tok.convert_ids_to_tokens(tokens.audio) if tokens.audio is not None else None
+    if not text or tok.encode(text, add_special_tokens=False) != [tokens.audio]:
+        raise UserError(
+            f"the tokenizer has no single token for the audio placeholder id {tokens.audio} "
+            "(config.json audio_token_id)"
+        )
+    return text
+
+
 def expand_audio_placeholders(
     ids: list[int], audio: AudioInput, audio_id: int, boa_id: int, eoa_id: int
 ) -> list[int]:

@@ -157,6 +157,12 @@ def test_unreadable_audio_is_one_clear_error(tmp_path):
     bad.write_text("this is not audio\n")
     with pytest.raises(UserError, match="notes.wav: not a readable audio file"):
         media.load_audio(bad)
+    picture = tmp_path / "picture.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(picture)
+    with pytest.raises(UserError, match="picture.png: (has no audio stream|not a readable)"):
+        media.load_audio(picture)
     with pytest.raises(UserError, match="no such audio file"):
         media.load_audio(tmp_path / "missing.mp3")
     with pytest.raises(UserError, match="too short"):
@@ -184,3 +190,31 @@ def test_feature_config_is_read_from_processor_config(tmp_path):
     (tmp_path / "processor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="sampling_rate=24000"):
         media.log_mel_config(tmp_path)
+
+
+def test_a_video_files_soundtrack_loads_as_audio(speech, tmp_path):
+    import av
+
+    src = media.load_audio(speech["16k"])[:32000]
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        sound = out.add_stream("aac", rate=16000, layout="mono")
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(
+                np.full((32, 32, 3), i * 10, np.uint8), format="rgb24"
+            )
+            for packet in video.encode(frame):
+                out.mux(packet)
+        frame = av.AudioFrame.from_ndarray(src[None], format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in (
+            list(sound.encode(frame)) + list(sound.encode(None)) + list(video.encode(None))
+        ):
+            out.mux(packet)
+    got = media.load_audio(path)
+    assert abs(len(got) - len(src)) < 0.15 * 16000
+    lag = int(np.argmax(np.correlate(got[:4000], src[:2000], mode="valid")))
+    n = min(len(src), len(got) - lag)
+    assert np.corrcoef(got[lag : lag + n], src[:n])[0, 1] > 0.95

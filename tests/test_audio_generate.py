@@ -169,3 +169,37 @@ def test_chat_command_attaches_audio_to_the_next_message(
     n_audio = prepare_audio([load_audio(speech_wav)]).token_counts[0]
     first, second = [int(line.split()[1]) for line in err.splitlines() if "prefilled" in line]
     assert first > n_audio > second  # the audio went with the first message, then was cached
+
+
+def test_greedy_generation_with_image_and_audio_equals_transformers(audio_model):
+    import torch
+
+    from gemma4_mlx.media import prepare_images
+    from gemma4_mlx.media.audio import expand_audio_placeholders
+
+    path, ref = audio_model
+    model, tokenizer = load(path)
+    clip, image = _clip(0.7, 4), tmm.photo(50, 70, 5)
+    prompt = [2, 11, tmm.IMG, 12, tmm.AUD, 13, 14]
+    result = generate(
+        model, tokenizer, prompt, max_tokens=8, images=[image], image_tokens=70, audio=[clip]
+    )
+    assert result.image_tokens == [63] and result.audio_tokens == [18]
+    prepared = prepare_audio([clip])
+    ids = expand_audio_placeholders(prompt, prepared, tmm.AUD, tmm.BOA, tmm.EOA)
+    ids, media, _ = prepare_images(model, ids, [image], 70)
+    with torch.no_grad():
+        want = ref.generate(
+            input_ids=torch.tensor([ids]),
+            pixel_values=torch.from_numpy(np.asarray(media["pixel_values"])),
+            image_position_ids=torch.from_numpy(np.asarray(media["image_position_ids"])),
+            mm_token_type_ids=torch.from_numpy(np.asarray(media["mm_token_type_ids"])),
+            input_features=torch.from_numpy(prepared.features),
+            input_features_mask=torch.from_numpy(prepared.mask),
+            max_new_tokens=8,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
+    print(f"image+audio: ours {result.tokens} / transformers {want}")
+    assert result.prompt_tokens == len(ids)
+    assert result.tokens == want[: len(result.tokens)]
+    assert len(result.tokens) == len(want) or result.finish_reason == "stop"

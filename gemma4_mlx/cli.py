@@ -190,7 +190,7 @@ def _sampling(model_dir: Path | None, temp, top_p, top_k, min_p, seed):
     return sampling
 
 
-def _load(model: str, dtype: str | None, quiet: bool):
+def _load(model: str, dtype: str | None, quiet: bool, text_only: bool = False):
     from gemma4_mlx.loading import load_model, load_tokenizer, resolve_model_path
 
     if model == "demo" and not Path(model).is_dir():
@@ -198,7 +198,7 @@ def _load(model: str, dtype: str | None, quiet: bool):
 
         ensure_demo_model(progress=None if quiet else _note)
     model_dir = resolve_model_path(model)
-    m, config = load_model(model_dir, dtype=dtype)
+    m, config = load_model(model_dir, dtype=dtype, text_only=text_only)
     return model_dir, m, load_tokenizer(model_dir, config)
 
 
@@ -268,6 +268,24 @@ def generate(
         False, "--json", metavar=FLAG, help="Print one JSON object instead of streaming text."
     ),
     dtype: str | None = DTYPE,
+    image: list[str] = typer.Option(
+        [], "--image", help="An image file to show the model (repeatable); placed before the text."
+    ),
+    image_tokens: int = typer.Option(
+        280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
+    ),
+    text_only: bool = typer.Option(
+        False,
+        "--text-only",
+        metavar=FLAG,
+        help="Skip the vision and audio towers (less memory, text only).",
+    ),
+    audio: list[Path] | None = typer.Option(
+        None,
+        "--audio",
+        help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
+        "repeatable. E2B/E4B only.",
+    ),
 ):
     """Generate text from a prompt, streamed to the terminal.
 
@@ -289,9 +307,28 @@ def generate(
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
-    model_dir, m, tokenizer = _load(model, dtype, quiet=json_out)
+    for path in audio or []:
+        if not path.is_file():  # before the (slow) model load
+            raise UserError(f"{path}: no such audio file")
+    if image:
+        from gemma4_mlx.media.image import check_budget
+
+        check_budget(image_tokens)
+    model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
+    if audio:  # one placeholder per file before the text (after the images), as the template
+        from gemma4_mlx.media.audio import audio_placeholder
+        from gemma4_mlx.models.multimodal import check_audio_supported
+
+        check_audio_supported(m)
+        prompt = audio_placeholder(tokenizer, m.media_tokens) * len(audio) + prompt
+    if image:
+        from gemma4_mlx.media import with_image_placeholders
+        from gemma4_mlx.models.multimodal import check_media_supported
+
+        check_media_supported(m)
+        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image))
     tokens = build_prompt(tokenizer, prompt, system, thinking, raw, chat_template=template_text)
     check_context(m, len(tokens), max_tokens)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
@@ -311,6 +348,9 @@ def generate(
         prompt_cache_file=prompt_cache_file,
         on_text=stream,
         progress=progress,
+        images=image or None,
+        image_tokens=image_tokens,
+        audio=list(audio) if audio else None,
     )
     if json_out:
         typer.echo(result.to_json())
@@ -336,7 +376,9 @@ def _progress_bar():
     return show
 
 
-CHAT_COMMANDS = "/reset, /save [PATH], /quit (start a message with // to send a leading /)"
+CHAT_COMMANDS = (
+    "/reset, /save [PATH], /audio PATH, /quit (start a message with // to send a leading /)"
+)
 
 
 @app.command()
@@ -358,7 +400,8 @@ def chat(
     kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit.
+    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /audio PATH
+    (attach audio to the next message; E2B/E4B), /quit.
 
     An error in a turn or a command is one line and the conversation goes on; Ctrl-C during an
     answer stops that answer."""
@@ -382,6 +425,7 @@ def chat(
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
+    pending: dict[str, list] = {"audio": []}  # media attached to the next message
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -390,7 +434,8 @@ def chat(
         if not data:
             break
         try:
-            if _chat_line(session, _decode(data, "the line").strip(), max_tokens) == "quit":
+            line = _decode(data, "the line").strip()
+            if _chat_line(session, line, max_tokens, pending) == "quit":
                 break
         except (UserError, OSError) as e:  # one line, and the conversation goes on
             message = e.worded_for(_cli_names()) if isinstance(e, BadArgument) else e
@@ -400,7 +445,7 @@ def chat(
             _note("[interrupted: answer stopped]")
 
 
-def _chat_line(session, line: str, max_tokens: int) -> str | None:
+def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) -> str | None:
     """One line of the REPL: a /command or a message. Returns "quit" to end the session."""
     if not line:
         return None
@@ -415,13 +460,25 @@ def _chat_line(session, line: str, max_tokens: int) -> str | None:
             path = argument.strip() or "chat-cache.safetensors"
             session.save(path)
             _note(f"[saved the conversation's KV cache to {path}]")
+        elif command == "/audio":
+            from gemma4_mlx.models.multimodal import check_audio_supported
+
+            check_audio_supported(session.model)
+            path = Path(argument.strip())
+            if not path.is_file():
+                raise UserError(f"{path}: no such audio file")
+            pending["audio"].append(path)
+            _note(f"[{path} goes with the next message]")
         else:
             raise UserError(f"unknown command {command}: the commands are {CHAT_COMMANDS}")
         return None
+    # Attached media go with this message whatever happens to it (an error drops them).
+    audio, pending["audio"] = pending["audio"], []
     result = session.send(
         line.removeprefix("/"),
         max_tokens=max_tokens,
         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+        audio=audio or None,
     )
     sys.stdout.write("\n")
     _note(
@@ -485,7 +542,7 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights"
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio"
 
 
 @app.command(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from gemma4_mlx.errors import BadArgument, BadArgumentType
+from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
 
 # mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
@@ -43,6 +43,8 @@ class GenerationResult:
     kv_cache: str = ""  # the KV policy used, in words
     kv_cache_bytes: int = 0
     kv_policy: str = ""  # the KV policy used, in its text form (KVPolicy.parse reads it)
+    image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
+    audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -283,6 +285,9 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    images: list[Any] | None = None,
+    image_tokens: int = 280,
+    audio: list[str | Path | Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -291,6 +296,10 @@ def generate(
     this model, built with this policy, for a prefix of this prompt, only the rest is
     prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
     the requested policy and its cache saved to the file. The result reports the policy used.
+    ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens.
+    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
+    one each; a str prompt without any gets them in front.
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -298,6 +307,11 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
+    if images or audio:
+        return _generate_with_media(
+            model, tokenizer, prompt, images, image_tokens, audio, max_tokens, sampling, policy,
+            prompt_cache_file, on_text, progress,
+        )  # fmt: skip
     tokens = prompt_ids(model, tokenizer, prompt)
     check_context(model, len(tokens), max_tokens)
     note = on_note or (lambda text: print(f"note: {text}", file=sys.stderr))
@@ -315,7 +329,20 @@ def generate(
         if len(tokens) > 1:
             save_prompt_file(prompt_cache_file, cache, tokens[:-1], model, policy)
         remaining = tokens[-1:]
+    return _generate_from(
+        model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
+        on_text, progress, remaining,
+    )  # fmt: skip
+
+
+def _generate_from(
+    model, tokenizer, tokens, prefilled, max_tokens, sampling, cache, policy, on_text,
+    progress=None, remaining=None,
+) -> GenerationResult:  # fmt: skip
+    """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
+    (default: all but the last token); ``prefilled`` tokens ran through the model."""
     pieces, responses = [], []
+    remaining = tokens[-1:] if remaining is None else remaining
     for response in stream_generate(
         model, tokenizer, remaining, max_tokens, sampling, cache, policy, progress
     ):
@@ -323,7 +350,79 @@ def generate(
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    return _finish(pieces, responses, len(tokens), len(tokens) - reused, model, policy, cache)
+    return _finish(pieces, responses, len(tokens), prefilled, model, policy, cache)
+
+
+def _generate_with_media(
+    model, tokenizer, prompt, images, budget, audio, max_tokens, sampling, policy, cache_file,
+    on_text, progress,
+) -> GenerationResult:  # fmt: skip
+    """The whole prompt but its last token in one call (soft tokens are written at their
+    placeholders, and an image block is never cut: the 26B/31B overlay needs every block
+    whole), then mlx-lm's loop from the last token."""
+    from gemma4_mlx.media import prepare_images
+
+    if cache_file is not None:
+        raise UserError("--prompt-cache-file cannot be combined with images or audio")
+    media: dict[str, Any] = {}
+    audio_counts: list[int] = []
+    if audio:
+        tokens, media, audio_counts = audio_prompt(model, tokenizer, prompt, audio)
+    else:
+        tokens = prompt_ids(model, tokenizer, prompt)
+    image_counts: list[int] = []
+    if images:  # after the audio expansion: the token types cover the final ids
+        tokens, image_media, image_counts = prepare_images(model, tokens, images, budget)
+        image_media["mm_token_type_ids"] = image_media["mm_token_type_ids"][:, :-1]
+        media.update(image_media)
+    check_context(model, len(tokens), max_tokens)
+    cache = model.make_cache(policy)
+    model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
+    mx.eval([c.state for c in cache])
+    result = _generate_from(
+        model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
+        progress,
+    )  # fmt: skip
+    result.image_tokens = image_counts
+    result.audio_tokens = audio_counts
+    return result
+
+
+def audio_prompt(
+    model: Any, tokenizer: Any, prompt: str | list[int], audio: list[str | Path | Any]
+) -> tuple[list[int], dict[str, Any], list[int]]:
+    """(prompt ids with each audio item's ``<|audio>`` blocks, the model's audio arguments,
+    soft tokens per 30 s clip)."""
+    from gemma4_mlx.media.audio import (
+        AUDIO_PLACEHOLDER,
+        LogMelConfig,
+        expand_audio_placeholders,
+        prepare_audio,
+    )
+    from gemma4_mlx.models.multimodal import check_audio_supported
+
+    check_audio_supported(model)
+    ids = model.media_tokens
+    if ids.audio is None or ids.boa is None or ids.eoa is None:
+        raise UserError("config.json lacks audio_token_id / boa_token_id / eoa_token_index")
+    prepared = prepare_audio(list(audio), getattr(model, "feature_extractor", LogMelConfig()))
+    if isinstance(prompt, str):
+        pieces = prompt.split(AUDIO_PLACEHOLDER)
+        if len(pieces) == 1:
+            pieces = [""] * len(audio) + pieces
+        tokens = list(tokenizer.encode(pieces[0]))  # BOS as a plain str prompt gets it
+        for piece in pieces[1:]:
+            tokens += [ids.audio] + _encode_plain(tokenizer, piece)
+    else:
+        tokens = list(prompt)
+    tokens = expand_audio_placeholders(tokens, prepared, ids.audio, ids.boa, ids.eoa)
+    media = dict(input_features=prepared.features, input_features_mask=prepared.mask)
+    return tokens, media, list(prepared.token_counts)
+
+
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    return list(tok.encode(text, add_special_tokens=False)) if text else []
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:
@@ -353,6 +452,7 @@ class Chat:
     # None: the tokenizer's own template; a tokenizer without one chats by raw continuation
     # (each message continues the text), the rule of gemma4_mlx.tokenizer.
     chat_template: str | None = None
+    audio: list[Any] = field(default_factory=list)  # every turn's audio inputs, in order
 
     def __post_init__(self) -> None:
         from gemma4_mlx.cache import as_policy, bound_policy
@@ -364,7 +464,7 @@ class Chat:
         self.kv_policy = as_policy(self.kv_policy) or bound_policy(self.model)
 
     def reset(self) -> None:
-        self.messages, self.cache, self.cached_tokens = [], None, []
+        self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
 
     def _next_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
         """(all tokens of the conversation, how many of them the cache already holds).
@@ -402,25 +502,43 @@ class Chat:
         return self.cached_tokens + new, len(self.cached_tokens)
 
     def send(
-        self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
+        self,
+        text: str,
+        max_tokens: int = 256,
+        on_text: Callable[[str], None] | None = None,
+        audio: list[str | Path | Any] | None = None,
     ) -> GenerationResult:
+        """One user turn; ``audio`` (files or 16 kHz arrays) goes before the text, as the chat
+        template places audio items."""
+        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
 
         if not isinstance(text, str):
             raise BadArgumentType("text", f"must be a str, got {type(text).__name__}")
         if not text.strip():
             raise BadArgument("text", "is empty")
+        audio = list(audio or [])
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
-        messages.append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": AUDIO_PLACEHOLDER * len(audio) + text})
         tokens, common = self._next_tokens(messages)
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
+        # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
+        turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
         check_max_tokens(max_tokens)
+        if turn_audio:
+            new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+            tokens = tokens[:common] + new
         check_context(self.model, len(tokens), max_tokens)
+        prefilled = len(tokens) - common
         pieces, responses = [], []
         try:
+            if turn_audio:
+                self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
+                mx.eval([c.state for c in self.cache])
+                new = new[-1:]
             for r in stream_generate(
                 self.model,
                 self.tokenizer,
@@ -438,13 +556,14 @@ class Chat:
             self.cache, self.cached_tokens = None, []
             raise
         result = _finish(
-            pieces, responses, len(tokens), len(new), self.model, self.kv_policy, self.cache
+            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache
         )
-        self.last_prefilled = len(new)
+        self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
+        self.audio = self.audio + audio
         return result
 
     def save(self, path: str | Path) -> None:

@@ -148,12 +148,16 @@ def _check_and_load(model: nn.Module, weights: dict[str, mx.array], model_dir: P
 
 
 def load_model(
-    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path: str | Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    text_only: bool = False,
 ) -> tuple[nn.Module, ModelConfig]:
-    """An HF-layout or MLX directory -> (model, config). ``dtype`` casts float weights."""
+    """An HF-layout or MLX directory -> (model, config). ``dtype`` casts float weights;
+    ``text_only`` skips the vision tower's weights (less memory, no images)."""
     model_dir = Path(path)
     config = load_config(model_dir)
-    model = build_model(config)
+    model = build_model(config, text_only=text_only)
     weights = model.sanitize(load_weights(model_dir))
     quantization = config.raw.get("quantization")
     if quantization is None and isinstance(config.raw.get("text_config"), dict):
@@ -169,6 +173,10 @@ def load_model(
             for k, v in weights.items()
         }
     _check_and_load(model, weights, model_dir)
+    if getattr(model, "has_audio", False):  # the checkpoint's log-mel settings travel with it
+        from gemma4_mlx.media.audio import log_mel_config
+
+        model.feature_extractor = log_mel_config(model_dir)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights", "startup")
+BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights", "startup", "audio")
 DEFAULT_OUT = Path("benchmarks/results")
 
 

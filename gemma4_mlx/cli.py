@@ -149,6 +149,15 @@ def generate(
     text_only: bool = typer.Option(
         False, "--text-only", help="Skip the vision tower's weights (less memory, no images)."
     ),
+    video: list[str] = typer.Option(
+        [], "--video", help="A video file (repeatable): frames at 70 soft tokens each."
+    ),
+    video_frames: int | None = typer.Option(
+        None, "--video-frames", help="Frames sampled uniformly per video (default 32)."
+    ),
+    video_fps: float | None = typer.Option(
+        None, "--video-fps", help="Sample this many frames per second instead of a count."
+    ),
 ):
     """Generate text from a prompt, streamed to the terminal."""
     from gemma4_mlx.generate import generate as run_generate
@@ -170,12 +179,19 @@ def generate(
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
     use_template = not raw and _has_template(tokenizer)
-    if image:
+    videos = []
+    if image or video:
         from gemma4_mlx.media import with_image_placeholders
+        from gemma4_mlx.media.video import DEFAULT_FRAMES, load_video
         from gemma4_mlx.models.multimodal import check_media_supported
 
         check_media_supported(m)
-        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image))
+        frames = video_frames if video_frames is not None or video_fps else DEFAULT_FRAMES
+        for path in video:
+            videos.append(load_video(path, num_frames=frames, fps=video_fps))
+            if videos[-1].note:
+                typer.echo(f"note: {path}: {videos[-1].note}", err=True)
+        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image), len(video))
     tokens = build_prompt(tokenizer, prompt, system=system, thinking=thinking, raw=not use_template)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
@@ -194,6 +210,7 @@ def generate(
         progress=progress,
         images=image or None,
         image_tokens=image_tokens,
+        videos=videos or None,
     )
     if json_out:
         typer.echo(result.to_json())

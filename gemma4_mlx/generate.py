@@ -40,6 +40,7 @@ class GenerationResult:
     kv_cache: str = ""
     kv_cache_bytes: int = 0
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
+    video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -198,20 +199,22 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     images: list[Any] | None = None,
     image_tokens: int = 280,
+    videos: list[Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
     With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
-    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens.
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
+    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
     """
     policy = kv_policy or KVPolicy()
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if images:
-        return _generate_with_images(
-            model, tokenizer, tokens, images, image_tokens, max_tokens, sampling, policy,
-            prompt_cache_file, on_text, progress,
+    if images or videos:
+        return _generate_with_media(
+            model, tokenizer, tokens, (images or [], image_tokens, videos or []), max_tokens,
+            sampling, policy, prompt_cache_file, on_text, progress,
         )  # fmt: skip
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
@@ -236,17 +239,17 @@ def generate(
     return _finish(pieces, responses, len(tokens), len(tokens) - reused, policy, cache)
 
 
-def _generate_with_images(
-    model, tokenizer, tokens, images, budget, max_tokens, sampling, policy, cache_file, on_text,
-    progress,
+def _generate_with_media(
+    model, tokenizer, tokens, inputs, max_tokens, sampling, policy, cache_file, on_text, progress,
 ) -> GenerationResult:  # fmt: skip
     """The whole prompt but its last token in one call (an image block is never cut: the
     26B/31B overlay needs every block whole), then mlx-lm's loop from the last token."""
-    from gemma4_mlx.media import prepare_images
+    from gemma4_mlx.media import prepare_media
 
     if cache_file is not None:
-        raise UserError("--prompt-cache-file cannot be combined with images")
-    tokens, media, counts = prepare_images(model, tokens, images, budget)
+        raise UserError("--prompt-cache-file cannot be combined with images or videos")
+    images, budget, videos = inputs
+    tokens, media, report = prepare_media(model, tokenizer, tokens, images, budget, videos)
     _check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
     media["mm_token_type_ids"] = media["mm_token_type_ids"][:, :-1]
@@ -261,7 +264,8 @@ def _generate_with_images(
         if on_text is not None and response.text:
             on_text(response.text)
     result = _finish(pieces, responses, len(tokens), len(tokens), policy, cache)
-    result.image_tokens = counts
+    result.image_tokens = report["image_tokens"]
+    result.video_frames = report["video_frames"]
     return result
 
 

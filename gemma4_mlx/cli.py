@@ -270,7 +270,8 @@ def chat(
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit."""
+    """Multi-turn chat that reuses the KV cache between turns. /image PATH (attach to the next
+    message), /reset, /save PATH, /quit."""
     from gemma4_mlx.generate import Chat
 
     policy = _policy(locals())
@@ -284,6 +285,7 @@ def chat(
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
     )
     interactive = sys.stdin.isatty()
+    pending_images: list[str] = []
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -300,14 +302,31 @@ def chat(
             session.reset()
             typer.echo("[conversation reset]", err=True)
             continue
+        if line.startswith("/image"):
+            from gemma4_mlx.media.image import open_image
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            try:
+                check_media_supported(m)
+                path = line.removeprefix("/image").strip()
+                open_image(path)  # fail now, not after the next message
+                pending_images.append(path)
+                typer.echo(f"[{path} attached to the next message]", err=True)
+            except UserError as e:
+                typer.echo(f"error: {e}", err=True)
+            continue
         if line.startswith("/save"):
             path = line.removeprefix("/save").strip() or "chat-cache.safetensors"
             session.save(path)
             typer.echo(f"[saved the conversation's KV cache to {path}]", err=True)
             continue
         result = session.send(
-            line, max_tokens=max_tokens, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush())
+            line,
+            max_tokens=max_tokens,
+            on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+            images=pending_images or None,
         )
+        pending_images = []
         sys.stdout.write("\n")
         typer.echo(
             f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "

@@ -351,18 +351,44 @@ class Chat:
         return self.cached_tokens + new, len(self.cached_tokens)
 
     def send(
-        self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
+        self,
+        text: str,
+        max_tokens: int = 256,
+        on_text: Callable[[str], None] | None = None,
+        images: list[Any] | None = None,
+        image_tokens: int = 280,
     ) -> GenerationResult:
+        """One turn; ``images`` are shown before the text of this turn. Earlier turns' images
+        stay in the KV cache as their soft tokens (a turn that forces a re-prefill raises)."""
         if not text.strip():
             raise UserError("the message is empty")
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
+        if images:
+            from gemma4_mlx.media import with_image_placeholders
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(self.model)
+            text = with_image_placeholders(
+                self.tokenizer, self.model.media_tokens, text, len(images)
+            )
         messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        if common == 0 and any(m.get("images") for m in self.messages):
+            raise UserError("the conversation's images are no longer in the cache: /reset")
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
         new = tokens[common:]
+        if images:
+            from gemma4_mlx.media import prepare_media
+
+            new, media, _ = prepare_media(self.model, self.tokenizer, new, images, image_tokens)
+            tokens = tokens[:common] + new
+            media["mm_token_type_ids"] = media["mm_token_type_ids"][:, :-1]
+            self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
+            mx.eval([c.state for c in self.cache])
+            new = new[-1:]
         pieces, responses = [], []
         for r in stream_generate(
             self.model, self.tokenizer, new, max_tokens, self.sampling, self.cache, self.kv_policy
@@ -371,13 +397,16 @@ class Chat:
             responses.append(r)
             if on_text is not None and r.text:
                 on_text(r.text)
+        prefilled = len(tokens) - common
         result = _finish(
-            pieces, responses, len(tokens), len(new), self.kv_policy or KVPolicy(), self.cache
+            pieces, responses, len(tokens), prefilled, self.kv_policy or KVPolicy(), self.cache
         )
-        self.last_prefilled = len(new)
+        self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
+        if images:
+            messages[-1]["images"] = len(images)
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
         return result
 

@@ -141,7 +141,7 @@ def generate(
     ),
     dtype: str | None = DTYPE,
     image: list[str] = typer.Option(
-        [], "--image", help="An image file to show the model (repeatable); placed before the text."
+        [], "--image", help="An image file or http(s) URL (repeatable); shown before the text."
     ),
     image_tokens: int = typer.Option(
         280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."

@@ -3,7 +3,7 @@ PNG under ``--out`` (default ``benchmarks/results``) and has a ``--quick`` mode 
 
 from pathlib import Path
 
-BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights")
+BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights", "vision")
 DEFAULT_OUT = Path("benchmarks/results")
 
 

@@ -269,7 +269,7 @@ def generate(
     ),
     dtype: str | None = DTYPE,
     image: list[str] = typer.Option(
-        [], "--image", help="An image file to show the model (repeatable); placed before the text."
+        [], "--image", help="An image file or http(s) URL (repeatable); shown before the text."
     ),
     image_tokens: int = typer.Option(
         280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
@@ -285,6 +285,15 @@ def generate(
         "--audio",
         help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
         "repeatable. E2B/E4B only.",
+    ),
+    video: list[str] = typer.Option(
+        [], "--video", help="A video file (repeatable): frames at 70 soft tokens each."
+    ),
+    video_frames: int | None = typer.Option(
+        None, "--video-frames", help="Frames sampled uniformly per video (default 32)."
+    ),
+    video_fps: float | None = typer.Option(
+        None, "--video-fps", help="Sample this many frames per second instead of a count."
     ),
 ):
     """Generate text from a prompt, streamed to the terminal.
@@ -323,12 +332,19 @@ def generate(
 
         check_audio_supported(m)
         prompt = audio_placeholder(tokenizer, m.media_tokens) * len(audio) + prompt
-    if image:
+    videos = []
+    if image or video:
         from gemma4_mlx.media import with_image_placeholders
+        from gemma4_mlx.media.video import DEFAULT_FRAMES, load_video
         from gemma4_mlx.models.multimodal import check_media_supported
 
         check_media_supported(m)
-        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image))
+        frames = video_frames if video_frames is not None or video_fps else DEFAULT_FRAMES
+        for path in video:
+            videos.append(load_video(path, num_frames=frames, fps=video_fps))
+            if videos[-1].note:
+                _note(f"note: {path}: {videos[-1].note}")
+        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image), len(video))
     tokens = build_prompt(tokenizer, prompt, system, thinking, raw, chat_template=template_text)
     check_context(m, len(tokens), max_tokens)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
@@ -351,6 +367,7 @@ def generate(
         images=image or None,
         image_tokens=image_tokens,
         audio=list(audio) if audio else None,
+        videos=videos or None,
     )
     if json_out:
         typer.echo(result.to_json())
@@ -376,9 +393,7 @@ def _progress_bar():
     return show
 
 
-CHAT_COMMANDS = (
-    "/reset, /save [PATH], /audio PATH, /quit (start a message with // to send a leading /)"
-)
+CHAT_COMMANDS = "/reset, /save [PATH], /image PATH, /audio PATH, /quit (start a message with // to send a leading /)"
 
 
 @app.command()
@@ -400,8 +415,8 @@ def chat(
     kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /audio PATH
-    (attach audio to the next message; E2B/E4B), /quit.
+    """Multi-turn chat that reuses the KV cache between turns. /image PATH and /audio PATH
+    (E2B/E4B) attach media to the next message; /reset, /save PATH, /quit.
 
     An error in a turn or a command is one line and the conversation goes on; Ctrl-C during an
     answer stops that answer."""
@@ -425,7 +440,7 @@ def chat(
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
-    pending: dict[str, list] = {"audio": []}  # media attached to the next message
+    pending: dict[str, list] = {"audio": [], "images": []}  # media for the next message
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -469,16 +484,27 @@ def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) ->
                 raise UserError(f"{path}: no such audio file")
             pending["audio"].append(path)
             _note(f"[{path} goes with the next message]")
+        elif command == "/image":
+            from gemma4_mlx.media.image import open_image
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(session.model)
+            path = argument.strip()
+            open_image(path)  # fail now, not after the next message
+            pending["images"].append(path)
+            _note(f"[{path} attached to the next message]")
         else:
             raise UserError(f"unknown command {command}: the commands are {CHAT_COMMANDS}")
         return None
     # Attached media go with this message whatever happens to it (an error drops them).
     audio, pending["audio"] = pending["audio"], []
+    images, pending["images"] = pending["images"], []
     result = session.send(
         line.removeprefix("/"),
         max_tokens=max_tokens,
         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
         audio=audio or None,
+        images=images or None,
     )
     sys.stdout.write("\n")
     _note(
@@ -542,7 +568,7 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio"
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio | vision"
 
 
 @app.command(

@@ -45,6 +45,7 @@ class GenerationResult:
     kv_policy: str = ""  # the KV policy used, in its text form (KVPolicy.parse reads it)
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
     audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
+    video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -288,6 +289,7 @@ def generate(
     images: list[Any] | None = None,
     image_tokens: int = 280,
     audio: list[str | Path | Any] | None = None,
+    videos: list[Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -297,7 +299,8 @@ def generate(
     prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
     the requested policy and its cache saved to the file. The result reports the policy used.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
-    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens.
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
+    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
     ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
     one each; a str prompt without any gets them in front.
     """
@@ -307,10 +310,10 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
-    if images or audio:
+    if images or audio or videos:
         return _generate_with_media(
-            model, tokenizer, prompt, images, image_tokens, audio, max_tokens, sampling, policy,
-            prompt_cache_file, on_text, progress,
+            model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
+            max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
         )  # fmt: skip
     tokens = prompt_ids(model, tokenizer, prompt)
     check_context(model, len(tokens), max_tokens)
@@ -354,27 +357,27 @@ def _generate_from(
 
 
 def _generate_with_media(
-    model, tokenizer, prompt, images, budget, audio, max_tokens, sampling, policy, cache_file,
-    on_text, progress,
+    model, tokenizer, prompt, inputs, max_tokens, sampling, policy, cache_file, on_text, progress,
 ) -> GenerationResult:  # fmt: skip
     """The whole prompt but its last token in one call (soft tokens are written at their
     placeholders, and an image block is never cut: the 26B/31B overlay needs every block
     whole), then mlx-lm's loop from the last token."""
-    from gemma4_mlx.media import prepare_images
+    from gemma4_mlx.media import prepare_media
 
     if cache_file is not None:
-        raise UserError("--prompt-cache-file cannot be combined with images or audio")
+        raise UserError("prompt_cache_file cannot be combined with images, videos or audio")
+    images, budget, videos, audio = inputs
     media: dict[str, Any] = {}
     audio_counts: list[int] = []
     if audio:
         tokens, media, audio_counts = audio_prompt(model, tokenizer, prompt, audio)
     else:
         tokens = prompt_ids(model, tokenizer, prompt)
-    image_counts: list[int] = []
-    if images:  # after the audio expansion: the token types cover the final ids
-        tokens, image_media, image_counts = prepare_images(model, tokens, images, budget)
-        image_media["mm_token_type_ids"] = image_media["mm_token_type_ids"][:, :-1]
-        media.update(image_media)
+    report: dict[str, Any] = {"image_tokens": [], "video_frames": []}
+    if images or videos:  # after the audio expansion: the token types cover the final ids
+        tokens, visual, report = prepare_media(model, tokenizer, tokens, images, budget, videos)
+        visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
+        media.update(visual)
     check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
     model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
@@ -383,8 +386,9 @@ def _generate_with_media(
         model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
         progress,
     )  # fmt: skip
-    result.image_tokens = image_counts
     result.audio_tokens = audio_counts
+    result.image_tokens = report["image_tokens"]
+    result.video_frames = report["video_frames"]
     return result
 
 
@@ -507,9 +511,12 @@ class Chat:
         max_tokens: int = 256,
         on_text: Callable[[str], None] | None = None,
         audio: list[str | Path | Any] | None = None,
+        images: list[Any] | None = None,
+        image_tokens: int = 280,
     ) -> GenerationResult:
-        """One user turn; ``audio`` (files or 16 kHz arrays) goes before the text, as the chat
-        template places audio items."""
+        """One user turn; ``audio`` (files or 16 kHz arrays) and ``images`` go before the text,
+        as the chat template places media. Earlier turns' images stay in the KV cache as their
+        soft tokens (a turn that forces a re-prefill raises); earlier audio is read again."""
         from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
 
         if not isinstance(text, str):
@@ -520,22 +527,40 @@ class Chat:
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
-        messages.append({"role": "user", "content": AUDIO_PLACEHOLDER * len(audio) + text})
+        text = AUDIO_PLACEHOLDER * len(audio) + text
+        if images:
+            from gemma4_mlx.media import with_image_placeholders
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(self.model)
+            text = with_image_placeholders(
+                self.tokenizer, self.model.media_tokens, text, len(images)
+            )
+        messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        if common == 0 and any(m.get("images") for m in self.messages):
+            raise UserError("the conversation's images are no longer in the cache: /reset")
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
         check_max_tokens(max_tokens)
+        media: dict[str, Any] = {}
         if turn_audio:
             new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
-            tokens = tokens[:common] + new
+        if images:
+            from gemma4_mlx.media import prepare_media
+
+            new, visual, _ = prepare_media(self.model, self.tokenizer, new, images, image_tokens)
+            visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
+            media.update(visual)
+        tokens = tokens[:common] + new
         check_context(self.model, len(tokens), max_tokens)
         prefilled = len(tokens) - common
         pieces, responses = [], []
         try:
-            if turn_audio:
+            if media:
                 self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
                 mx.eval([c.state for c in self.cache])
                 new = new[-1:]
@@ -562,6 +587,8 @@ class Chat:
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
+        if images:
+            messages[-1]["images"] = len(images)
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
         self.audio = self.audio + audio
         return result

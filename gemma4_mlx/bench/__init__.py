@@ -7,7 +7,17 @@ import argparse
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights", "startup", "audio")
+BENCHMARKS = (
+    "quality",
+    "needle",
+    "speed",
+    "memory",
+    "distortion",
+    "weights",
+    "startup",
+    "audio",
+    "vision",
+)
 DEFAULT_OUT = Path("benchmarks/results")
 
 

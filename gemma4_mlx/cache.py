@@ -2,8 +2,9 @@
 
 One function decides it for every variant. KV-shared consumer layers get nothing (they read
 their producer's keys/values, compressed or not: quantized once, never twice). Sliding layers get
-a ring buffer of ``sliding_window`` tokens (bounded memory; REFERENCE.md measured that quantizing
-them costs quality for little memory). Global layers, which hold nearly all KV memory at long
+the exact keys/values of their last ``sliding_window`` - 1 + ``max_rewind`` tokens (bounded memory,
+exactly trimmable; REFERENCE.md measured that quantizing them costs quality for little memory).
+Global layers, which hold nearly all KV memory at long
 context, get what the policy says:
 
 - ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
@@ -24,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
-from turboquant.cache import tiers_fit
+from gemma4_mlx.kv.cache import DEFAULT_MAX_REWIND, SlidingKVCache
+from turboquant.tiers import tiers_fit
 
 KV_KINDS = ("fp16", "affine", "turboquant")
 # Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
@@ -67,6 +69,9 @@ class KVPolicy:
     keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
     seed: int = 0
+    # sliding and turboquant layers: a trim of up to this many tokens restores the cache
+    # exactly (speculative drafts, prompt-prefix reuse); longer trims raise TrimError
+    max_rewind: int = DEFAULT_MAX_REWIND
 
     def __post_init__(self):
         if self.kind not in KV_KINDS:
@@ -79,6 +84,8 @@ class KVPolicy:
             raise UserError(f"exact_dtype must be float16, bfloat16 or float32: {self.exact_dtype}")
         if self.sink < 0:
             raise UserError(f"--kv-sink must be >= 0, got {self.sink}")
+        if self.max_rewind < 0:
+            raise UserError(f"max_rewind must be >= 0, got {self.max_rewind}")
         if self.center < 0:
             raise UserError(f"--kv-center must be >= 0, got {self.center}")
         if self.center_block < 0:
@@ -174,7 +181,7 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
 
 def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
-        return RotatingKVCache(max_size=config.sliding_window, keep=0)
+        return SlidingKVCache(config.sliding_window, policy.max_rewind)
     if policy.kind == "fp16" or spec.index in policy.keep_layers:
         return KVCache()
     if policy.kind == "affine":
@@ -184,7 +191,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
                 f"the affine KV cache needs head_dim divisible by 32, got {spec.head_dim}"
             )
         return QuantizedKVCache(group_size=group, bits=int(policy.resolved_bits()[0]))
-    from turboquant.cache import TurboQuantKVCache
+    from gemma4_mlx.kv.cache import TurboQuantKVCache
     from turboquant.codec import CodecSpec
 
     key_bits, value_bits = policy.resolved_bits()
@@ -207,6 +214,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         center=policy.center,
         center_block=policy.center_block,
         key_tiers=policy.tiers_for(spec.head_dim),
+        max_rewind=policy.max_rewind,
     )
 
 

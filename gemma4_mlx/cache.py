@@ -2,9 +2,9 @@
 
 One function decides it for every variant. KV-shared consumer layers get nothing (they read
 their producer's keys/values, compressed or not: quantized once, never twice). Sliding layers get
-a ring buffer of ``sliding_window`` tokens (bounded memory; on Gemma 3 270M quantizing them cost
-quality for little memory). Global layers, which hold nearly all KV memory at long context, get
-what the policy says:
+the exact keys/values of their last ``sliding_window`` - 1 + ``max_rewind`` tokens (bounded memory,
+exactly trimmable; on Gemma 3 270M quantizing them cost quality for little memory). Global
+layers, which hold nearly all KV memory at long context, get what the policy says:
 
 - ``exact``: mlx-lm's KVCache, in the model's dtype (float32 / bfloat16 / float16: whatever the
   weights compute in; ``describe(dtype)`` names it). ``fp16`` is accepted as an old name for it;
@@ -36,11 +36,12 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
-from turboquant.cache import tiers_fit
+from gemma4_mlx.kv.cache import DEFAULT_MAX_REWIND, SlidingKVCache
+from turboquant.tiers import tiers_fit
 
 KV_KINDS = ("exact", "affine", "turboquant")
 KIND_ALIASES = {"fp16": "exact"}  # the old name of the exact cache (it was never only fp16)
@@ -76,6 +77,7 @@ SPEC_KEYS = {
     "exact": ("exact_dtype", ("turboquant",)),
     "seed": ("seed", ("turboquant",)),
     "group": ("group_size", ("affine",)),
+    "rewind": ("max_rewind", ("exact", "affine", "turboquant")),
 }
 FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
 
@@ -133,6 +135,9 @@ class KVPolicy:
     key_tiers: int | None = None
     group_size: int = 64  # affine
     seed: int = 0  # turboquant: rotation seed (each layer adds its index)
+    # sliding and turboquant layers: a trim of up to this many tokens restores the cache
+    # exactly (speculative drafts, prompt-prefix reuse); longer trims raise TrimError
+    max_rewind: int = DEFAULT_MAX_REWIND
     bits: InitVar[float | None] = None
 
     def __post_init__(self, bits: float | None) -> None:
@@ -142,6 +147,10 @@ class KVPolicy:
         set_ = object.__setattr__
         set_(self, "kind", kind)
         self._refuse_unused(bits)
+        rewind = _integer("max_rewind", self.max_rewind)
+        if rewind < 0:
+            raise KVPolicyError("max_rewind", f"must be >= 0, got {rewind}")
+        set_(self, "max_rewind", rewind)
         if kind == "exact":
             return
         if kind == "affine":
@@ -275,6 +284,12 @@ class KVPolicy:
         return cls(**options)
 
     def __str__(self) -> str:
+        text = self._text()
+        if self.max_rewind == DEFAULT_MAX_REWIND:
+            return text
+        return text + ("," if ":" in text else ":") + f"rewind={self.max_rewind}"
+
+    def _text(self) -> str:
         if self.kind == "exact":
             return "exact"
         if self.kind == "affine":
@@ -311,8 +326,9 @@ class KVPolicy:
 
     def exact_tokens(self) -> int:
         """The most tokens a turboquant cache holds without compressing any: the sink plus the
-        window, and nothing is compressed before the centring tokens have all arrived."""
-        return self.sink + max(self.fp_window, self.center - 1) + getattr(self, "max_rewind", 0)
+        window, and nothing is compressed before the centring tokens have all arrived (the
+        rewind budget's exact tokens do not count: queries outside their window read codes)."""
+        return self.sink + max(self.fp_window, self.center - 1)
 
     def describe(self, dtype: str | None = None) -> str:
         """In words; ``dtype``: the model's (the exact cache's and turboquant's exact tokens)."""
@@ -379,7 +395,7 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
 
 def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
-        return RotatingKVCache(max_size=config.sliding_window, keep=0)
+        return SlidingKVCache(config.sliding_window, policy.max_rewind)
     if policy.kind == "exact":
         return KVCache()
     if policy.kind == "affine":
@@ -389,7 +405,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
                 f"the affine KV cache needs head_dim divisible by 32, got {spec.head_dim}"
             )
         return QuantizedKVCache(group_size=group, bits=int(policy.resolved_bits()[0]))
-    from turboquant.cache import TurboQuantKVCache
+    from gemma4_mlx.kv.cache import TurboQuantKVCache
     from turboquant.codec import CodecSpec
 
     key_bits, value_bits = policy.resolved_bits()
@@ -412,6 +428,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         center=policy.center,
         center_block=policy.center_block,
         key_tiers=policy.tiers_for(spec.head_dim),
+        max_rewind=policy.max_rewind,
     )
 
 

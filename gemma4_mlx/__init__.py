@@ -1,13 +1,13 @@
 """gemma4-mlx: Gemma 4 on MLX with a TurboQuant KV cache.
 
 from gemma4_mlx import load, generate, KVPolicy
-model, tokenizer = load("demo")
-result = generate(model, tokenizer, "The GPL is", max_tokens=32,
-                  kv_policy=KVPolicy("turboquant", bits=3.5))
-print(result.text)
+model, tokenizer = load("demo", kv_policy="turboquant")  # the model's own KV policy
+result = generate(model, tokenizer, "The GPL is", max_tokens=32)
+result = generate(model, tokenizer, "The GPL is", kv_policy=KVPolicy.parse("turboquant:3.5"))
+print(result.text, result.kv_policy)
 """
 
-from gemma4_mlx.cache import KVPolicy
+from gemma4_mlx.cache import KVPolicy, KVPolicyError
 from gemma4_mlx.errors import UserError
 
 # Imported eagerly: the function names shadow the submodule gemma4_mlx.generate (as in mlx-lm).
@@ -19,6 +19,7 @@ __all__ = [
     "Chat",
     "GenerationResult",
     "KVPolicy",
+    "KVPolicyError",
     "SamplingOptions",
     "UserError",
     "generate",

@@ -25,17 +25,23 @@ MODEL = typer.Option(
 KV_CACHE = typer.Option(
     None,
     "--kv-cache",
+    metavar="KIND",
     help="KV cache of the global layers: exact (the model's dtype; default) | affine (mlx-lm) | "
     "turboquant (default when a bits option is given).",
 )
 KV_BITS = typer.Option(
     None,
     "--kv-bits",
+    metavar="BITS",
     help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2) "
     "or the affine bits.",
 )
-KEY_BITS = typer.Option(None, "--key-bits", help="TurboQuant key bits (1..8, steps of 0.5).")
-VALUE_BITS = typer.Option(None, "--value-bits", help="TurboQuant value bits (1..8, steps of 0.5).")
+KEY_BITS = typer.Option(
+    None, "--key-bits", metavar="BITS", help="TurboQuant key bits (1..8, steps of 0.5)."
+)
+VALUE_BITS = typer.Option(
+    None, "--value-bits", metavar="BITS", help="TurboQuant value bits (1..8, steps of 0.5)."
+)
 KV_SPEC = typer.Option(
     None,
     "--kv",

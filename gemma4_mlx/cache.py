@@ -82,11 +82,13 @@ FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
 
 class KVPolicyError(UserError):
     """A bad KV policy setting: ``field`` is the KVPolicy field, ``key`` its name in the text
-    form, ``reason`` the message without the name (the CLI prefixes the flag it came from)."""
+    form (both in the message), ``reason`` the message without the names (the CLI prefixes the
+    flag it came from)."""
 
     def __init__(self, field: str, reason: str):
         self.field, self.key, self.reason = field, FIELD_KEYS.get(field, field), reason
-        super().__init__(f"KV policy {self.key}: {reason}")
+        name = self.key if self.key == field else f"{self.key} ({field})"
+        super().__init__(f"KV policy {name}: {reason}")
 
 
 def _number(key: str, text: str) -> float:

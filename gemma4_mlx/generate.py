@@ -229,6 +229,7 @@ def generate(
 
     policy = as_policy(kv_policy) or bound_policy(model)
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    _check_context(model, len(tokens), max_tokens)  # the whole prompt, cached part included
     note = on_note or (lambda text: print(f"note: {text}", file=sys.stderr))
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).exists():
@@ -240,7 +241,6 @@ def generate(
     remaining = tokens[reused:]
     if prompt_cache_file is not None and reused == 0:
         # Prefill the prompt once, save it, then generate from the saved state.
-        _check_context(model, len(tokens), max_tokens)
         _prefill(model, cache, tokens[:-1])
         if len(tokens) > 1:
             save_prompt_file(prompt_cache_file, cache, tokens[:-1], model, policy)

@@ -128,7 +128,8 @@ def test_bad_policy_is_a_value_error_naming_the_field(build, field, words):
         build()
     assert isinstance(info.value, ValueError)
     assert info.value.field == field and words in str(info.value)
-    assert str(info.value).startswith(f"KV policy {info.value.key}: ")
+    names = info.value.key if info.value.key == field else f"{info.value.key} ({field})"
+    assert str(info.value).startswith(f"KV policy {names}: ")
     assert "((" not in str(info.value) and "--" not in str(info.value)  # API terms, no tuples
 
 
@@ -163,7 +164,7 @@ def test_mlx_lm_make_prompt_cache_builds_the_bound_policy(tiny_chat_model, spec)
 
 
 def test_load_refuses_a_bad_policy_before_loading(tmp_path):
-    with pytest.raises(KVPolicyError, match="KV policy window: must be >= 0"):
+    with pytest.raises(KVPolicyError, match=r"KV policy window \(fp_window\): must be >= 0"):
         load(str(tmp_path / "missing"), kv_policy="turboquant:window=-1")
     with pytest.raises(TypeError, match="kv_policy must be a KVPolicy or its text form"):
         load(str(tmp_path / "missing"), kv_policy=4)

@@ -64,6 +64,7 @@ EXACT_DTYPES = ("float16", "bfloat16", "float32")
 
 # The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
 # or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
+# A new setting: its field in KVPolicy, a row here, and (if a count) a name in COUNTS.
 SPEC_KEYS = {
     "k": ("key_bits", ("turboquant",)),
     "v": ("value_bits", ("turboquant",)),
@@ -78,6 +79,8 @@ SPEC_KEYS = {
     "group": ("group_size", ("affine",)),
 }
 FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
+COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
+QUIET = {"exact_dtype": None, "seed": 0}  # left out of the text form at these values
 
 
 class KVPolicyError(UserError):
@@ -187,7 +190,7 @@ class KVPolicy:
         set_ = object.__setattr__
         if self.codec not in ("mse", "prod"):
             raise KVPolicyError("codec", f"must be mse or prod, got {self.codec!r}")
-        for name in ("fp_window", "sink", "center", "center_block", "seed"):
+        for name in COUNTS:
             value = _integer(name, getattr(self, name))
             if value < 0:
                 raise KVPolicyError(name, f"must be >= 0, got {value}")
@@ -282,15 +285,16 @@ class KVPolicy:
         if self.kind == "affine":
             group = "" if self.group_size == 64 else f",group={self.group_size}"
             return f"affine:{self.key_bits:g}{group}"
-        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}", f"tiers={self.key_tiers}"]
-        items += [f"sink={self.sink}", f"window={self.fp_window}", f"center={self.center}"]
-        if self.center:
-            items.append(f"block={self.center_block}")
-        items.append(f"codec={self.codec}")
-        if self.exact_dtype:
-            items.append(f"exact={self.exact_dtype}")
-        if self.seed:
-            items.append(f"seed={self.seed}")
+        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}"]
+        for key, (name, kinds) in SPEC_KEYS.items():
+            value = getattr(self, name)
+            if self.kind not in kinds or name in ("key_bits", "value_bits"):
+                continue
+            if (name in QUIET and value == QUIET[name]) or (
+                name == "center_block" and not self.center
+            ):
+                continue  # a default said by leaving it out; no blocks without centring
+            items.append(f"{key}={value}")
         return "turboquant:" + ",".join(items)
 
     # -- what make_layer_cache and the reports read ------------------------------------------

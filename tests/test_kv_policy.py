@@ -183,6 +183,27 @@ def test_generate_takes_a_policy_string_and_reports_it(tiny_chat_model):
     assert exact.kv_policy == "exact" and exact.kv_cache == "exact float32"
 
 
+@pytest.mark.parametrize("spec", ["affine:8", SMALL_TQ])
+def test_mlx_lm_generate_step_on_make_prompt_cache_gives_our_tokens(tiny_chat_model, spec):
+    """mlx-lm's generator with mlx-lm's cache builder runs the bound policy: the tokens and the
+    cache bytes of our generate() with no kv_policy (the bound one, reported)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from gemma4_mlx import generate
+
+    model, tokenizer = load(str(tiny_chat_model), kv_policy=spec)
+    prompt = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]
+    cache = make_prompt_cache(model)
+    theirs = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=8,
+                                               prompt_cache=cache)]  # fmt: skip
+    ours = generate(model, tokenizer, prompt, max_tokens=8)
+    print(f"{spec}: mlx-lm {theirs}, ours {ours.tokens}")
+    assert ours.kv_policy == str(KVPolicy.parse(spec))
+    assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 1
+    assert sum(getattr(c, "nbytes", 0) for c in cache) == ours.kv_cache_bytes
+
+
 def _prefilled(model, tokens, policy):
     cache = model.make_cache(KVPolicy.parse(policy))
     model(mx.array([tokens]), cache=cache)

@@ -161,6 +161,8 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    if prompt_cache_file is not None and prompt_cache_file.is_dir():  # before the model loads
+        raise UserError(f"--prompt-cache-file {prompt_cache_file} is a directory; give a file")
     model_dir, m, tokenizer = _load(model, dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()

@@ -172,7 +172,7 @@ def _cli_generate(model_dir, path, capsys, *extra):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: d / "sub", "is a directory, not a prompt cache file"),
+        (lambda d: d / "sub", "is a directory; give a file"),
         (lambda d: d / "plain.txt" / "cache.safetensors", "cannot write the prompt cache"),
         (lambda d: d / "plain.txt", "not a prompt cache file"),
         (lambda d: d / "weights.safetensors", "not a prompt cache written by gemma4-mlx"),

@@ -214,11 +214,11 @@ def _prefilled(model, tokens, policy):
 @pytest.mark.parametrize("spec", ["exact", "affine:8", SMALL_TQ])
 def test_mlx_lm_save_and_load_prompt_cache_round_trip(tiny_checkpoints, tmp_path, spec):
     """mlx-lm's save_prompt_cache writes our caches; its load_prompt_cache reads mlx-lm's cache
-    classes, and gemma4_mlx.prompt_files the rest (mlx-lm resolves classes in its own module
-    only): the next token's logits are identical."""
+    classes, and gemma4_mlx.prompt_files.load_prompt_cache ours too (mlx-lm resolves classes
+    in its own module only): the next token's logits are identical."""
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-    from gemma4_mlx.prompt_files import read_prompt_file
+    from gemma4_mlx.prompt_files import load_prompt_cache as our_load
 
     path, _ = tiny_checkpoints("e2b")
     model, _ = load_model(path)
@@ -227,12 +227,12 @@ def test_mlx_lm_save_and_load_prompt_cache_round_trip(tiny_checkpoints, tmp_path
     file = str(tmp_path / "cache.safetensors")
     save_prompt_cache(file, cache, {"note": "x"})
     if spec == SMALL_TQ:
-        _, states, classes, meta = read_prompt_file(file)
-        assert classes == [type(c).__name__ for c in cache] and meta == {"note": "x"}
-        loaded = [type(c).from_state(s) for c, s in zip(cache, states, strict=True)]
+        loaded, meta = our_load(file, return_metadata=True)
+        assert meta == {"note": "x"}
         assert any(c.n_quantized > c.n_sink for c in loaded if hasattr(c, "n_quantized"))
     else:
         loaded = load_prompt_cache(file)
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
     nxt = mx.array([[50]])
     want, got = model(nxt, cache=cache), model(nxt, cache=loaded)
     print(f"{spec}: max |logit difference| {mx.max(mx.abs(want - got)).item():.3g}")

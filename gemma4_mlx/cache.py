@@ -258,6 +258,8 @@ class KVPolicy:
         for item in (i.strip() for i in rest.split(",")) if rest.strip() else ():
             key, eq, value = item.partition("=")
             key, value = key.strip(), value.strip()
+            if not key:
+                raise KVPolicyError("spec", f"an empty or unnamed setting in {text!r}")
             if not eq and key[:1] in ("k", "v") and key[1:] and key[1:2] in "0123456789.":
                 key, value = key[0], key[1:]
             elif not eq:

@@ -69,6 +69,28 @@ def test_every_policy_round_trips_through_its_text_form(policy):
     assert hash(KVPolicy.parse(str(policy))) == hash(policy)
 
 
+SPEC_WORDS = st.sampled_from(
+    ["k", "v", "k3", "v2.5", "4", "x", "=", ",", ":", "tiers=", "sink=", "window=", "center=",
+     "block=", "codec=", "exact=", "seed=", "group=", "mse", "prod", "-1", "1e400", "nan", ".",
+     "0", "32", "bfloat16", " "]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["exact", "affine", "turboquant", "fp16", "tq", ""]),
+    st.lists(SPEC_WORDS, max_size=8).map("".join) | st.text(max_size=20),
+)
+def test_any_spec_text_parses_or_is_one_policy_error(kind, rest):
+    """--kv SPEC never gives a traceback: a policy, or a KVPolicyError naming a setting."""
+    try:
+        policy = KVPolicy.parse(f"{kind}:{rest}")
+    except KVPolicyError as e:
+        assert e.key and e.reason and "\n" not in str(e)
+    else:
+        assert KVPolicy.parse(str(policy)) == policy
+
+
 def test_bits_are_stored_one_way():
     """``bits=`` is a constructor shorthand: the policy holds key and value bits only."""
     assert KVPolicy("turboquant").resolved_bits() == (3, 2)  # the default

@@ -168,8 +168,8 @@ def describe_used(model: Any, policy: KVPolicy, n_tokens: int) -> str:
     text = policy.describe(model_dtype(model))
     if policy.kind == "turboquant" and n_tokens <= policy.exact_tokens():
         text += (
-            f" (nothing compressed: all {n_tokens} tokens fit in the exact sink and window, "
-            f"{policy.exact_tokens()} tokens)"
+            f" (nothing compressed: this run's {n_tokens} tokens fit in the "
+            f"{policy.exact_tokens()} it keeps exact)"
         )
     return text
 

@@ -99,7 +99,10 @@ def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
 
 
 def memory_warning(model_dir: Path, model: Any, policy: KVPolicy, context: int) -> str | None:
-    """A warning when weights + KV for ``context`` tokens exceed this machine's memory."""
+    """A warning when weights + KV for ``context`` tokens exceed this machine's memory (none
+    past the model's context: that is an error, raised where the prompt is checked)."""
+    if context > model.config.max_position_embeddings:
+        return None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -339,3 +339,17 @@ def test_main_help_shows_the_user_kv_options_only(capsys):
         assert flag in out
     for gone in ("--kv-window", "--kv-sink", "--kv-center", "--kv-key-tiers", "--kv-codec"):
         assert gone not in out
+
+
+def test_no_memory_warning_past_the_models_context(tiny_chat_model):
+    """A context the model cannot take is the prompt check's error, not a KV memory warning
+    (it used to print a warning of hundreds of thousands of GiB first)."""
+    from pathlib import Path
+
+    from gemma4_mlx.generate import kv_bytes_per_token, memory_warning
+
+    model, _ = load(str(tiny_chat_model))
+    limit = model.config.max_position_embeddings
+    assert memory_warning(Path(tiny_chat_model), model, KVPolicy(), 10**12) is None
+    assert kv_bytes_per_token(model, KVPolicy()) * 10**12 > 2**50  # it would have warned
+    assert memory_warning(Path(tiny_chat_model), model, KVPolicy(), limit) is None  # tiny: fits

@@ -65,6 +65,7 @@ EXACT_DTYPES = ("float16", "bfloat16", "float32")
 
 # The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
 # or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
+# A new setting: its field in KVPolicy, a row here, and (if a count) a name in COUNTS.
 SPEC_KEYS = {
     "k": ("key_bits", ("turboquant",)),
     "v": ("value_bits", ("turboquant",)),
@@ -80,15 +81,23 @@ SPEC_KEYS = {
     "rewind": ("max_rewind", ("exact", "affine", "turboquant")),
 }
 FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
+COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
+QUIET = {
+    "exact_dtype": None,
+    "seed": 0,
+    "max_rewind": DEFAULT_MAX_REWIND,
+}  # left out of the text form at these values
 
 
 class KVPolicyError(UserError):
     """A bad KV policy setting: ``field`` is the KVPolicy field, ``key`` its name in the text
-    form, ``reason`` the message without the name (the CLI prefixes the flag it came from)."""
+    form (both in the message), ``reason`` the message without the names (the CLI prefixes the
+    flag it came from)."""
 
     def __init__(self, field: str, reason: str):
         self.field, self.key, self.reason = field, FIELD_KEYS.get(field, field), reason
-        super().__init__(f"KV policy {self.key}: {reason}")
+        name = self.key if self.key == field else f"{self.key} ({field})"
+        super().__init__(f"KV policy {name}: {reason}")
 
 
 def _number(key: str, text: str) -> float:
@@ -194,7 +203,7 @@ class KVPolicy:
         set_ = object.__setattr__
         if self.codec not in ("mse", "prod"):
             raise KVPolicyError("codec", f"must be mse or prod, got {self.codec!r}")
-        for name in ("fp_window", "sink", "center", "center_block", "seed"):
+        for name in COUNTS:
             value = _integer(name, getattr(self, name))
             if value < 0:
                 raise KVPolicyError(name, f"must be >= 0, got {value}")
@@ -262,6 +271,8 @@ class KVPolicy:
         for item in (i.strip() for i in rest.split(",")) if rest.strip() else ():
             key, eq, value = item.partition("=")
             key, value = key.strip(), value.strip()
+            if not key:
+                raise KVPolicyError("spec", f"an empty or unnamed setting in {text!r}")
             if not eq and key[:1] in ("k", "v") and key[1:] and key[1:2] in "0123456789.":
                 key, value = key[0], key[1:]
             elif not eq:
@@ -284,26 +295,22 @@ class KVPolicy:
         return cls(**options)
 
     def __str__(self) -> str:
-        text = self._text()
-        if self.max_rewind == DEFAULT_MAX_REWIND:
-            return text
-        return text + ("," if ":" in text else ":") + f"rewind={self.max_rewind}"
-
-    def _text(self) -> str:
+        rewind = "" if self.max_rewind == QUIET["max_rewind"] else f"rewind={self.max_rewind}"
         if self.kind == "exact":
-            return "exact"
+            return "exact" + (f":{rewind}" if rewind else "")
         if self.kind == "affine":
             group = "" if self.group_size == 64 else f",group={self.group_size}"
-            return f"affine:{self.key_bits:g}{group}"
-        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}", f"tiers={self.key_tiers}"]
-        items += [f"sink={self.sink}", f"window={self.fp_window}", f"center={self.center}"]
-        if self.center:
-            items.append(f"block={self.center_block}")
-        items.append(f"codec={self.codec}")
-        if self.exact_dtype:
-            items.append(f"exact={self.exact_dtype}")
-        if self.seed:
-            items.append(f"seed={self.seed}")
+            return f"affine:{self.key_bits:g}{group}" + (f",{rewind}" if rewind else "")
+        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}"]
+        for key, (name, kinds) in SPEC_KEYS.items():
+            value = getattr(self, name)
+            if self.kind not in kinds or name in ("key_bits", "value_bits"):
+                continue
+            if (name in QUIET and value == QUIET[name]) or (
+                name == "center_block" and not self.center
+            ):
+                continue  # a default said by leaving it out; no blocks without centring
+            items.append(f"{key}={value}")
         return "turboquant:" + ",".join(items)
 
     # -- what make_layer_cache and the reports read ------------------------------------------

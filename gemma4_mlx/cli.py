@@ -81,6 +81,7 @@ MODEL = typer.Option(
 KV_CACHE = typer.Option(
     None,
     "--kv-cache",
+    metavar="KIND",
     help="KV cache of the global layers: exact (the model's dtype; default) | affine (mlx-lm) | "
     "turboquant (default when a bits option is given).",
 )
@@ -88,14 +89,23 @@ KV_BITS = typer.Option(
     None,
     "--kv-bits",
     parser=finite_float,
+    metavar="BITS",
     help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2) "
     "or the affine bits.",
 )
 KEY_BITS = typer.Option(
-    None, "--key-bits", parser=finite_float, help="TurboQuant key bits (1..8, steps of 0.5)."
+    None,
+    "--key-bits",
+    parser=finite_float,
+    metavar="BITS",
+    help="TurboQuant key bits (1..8, steps of 0.5).",
 )
 VALUE_BITS = typer.Option(
-    None, "--value-bits", parser=finite_float, help="TurboQuant value bits (1..8, steps of 0.5)."
+    None,
+    "--value-bits",
+    parser=finite_float,
+    metavar="BITS",
+    help="TurboQuant value bits (1..8, steps of 0.5).",
 )
 KV_SPEC = typer.Option(
     None,
@@ -316,6 +326,8 @@ def generate(
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    if prompt_cache_file is not None and prompt_cache_file.is_dir():  # before the model loads
+        raise UserError(f"--prompt-cache-file {prompt_cache_file} is a directory; give a file")
     for path in audio or []:
         if not path.is_file():  # before the (slow) model load
             raise UserError(f"{path}: no such audio file")

@@ -162,7 +162,10 @@ def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
 
 
 def memory_warning(model_dir: Path, model: Any, policy: KVPolicy, context: int) -> str | None:
-    """A warning when weights + KV for ``context`` tokens exceed this machine's memory."""
+    """A warning when weights + KV for ``context`` tokens exceed this machine's memory (none
+    past the model's context: that is an error, raised where the prompt is checked)."""
+    if context > model.config.max_position_embeddings:
+        return None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -238,8 +241,8 @@ def describe_used(model: Any, policy: KVPolicy, n_tokens: int) -> str:
     text = policy.describe(model_dtype(model))
     if policy.kind == "turboquant" and n_tokens <= policy.exact_tokens():
         text += (
-            f" (nothing compressed: all {n_tokens} tokens fit in the exact sink and window, "
-            f"{policy.exact_tokens()} tokens)"
+            f" (nothing compressed: this run's {n_tokens} tokens fit in the "
+            f"{policy.exact_tokens()} it keeps exact)"
         )
     return text
 
@@ -316,7 +319,7 @@ def generate(
             max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
         )  # fmt: skip
     tokens = prompt_ids(model, tokenizer, prompt)
-    check_context(model, len(tokens), max_tokens)
+    check_context(model, len(tokens), max_tokens)  # the whole prompt, cached part included
     note = on_note or (lambda text: print(f"note: {text}", file=sys.stderr))
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).exists():

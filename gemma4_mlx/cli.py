@@ -237,6 +237,23 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
+def _read_schema(path: Path | None) -> dict | None:
+    """--json-schema FILE: a JSON object, checked before the model loads."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        schema = json.loads(_decode(path.read_bytes(), f"{path}"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the JSON schema ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"{path}: a JSON schema must be an object")
+    return schema
+
+
 def _read_template(path: Path | None, raw: bool) -> str | None:
     if path is None:
         return None
@@ -276,6 +293,9 @@ def generate(
     ),
     json_out: bool = typer.Option(
         False, "--json", metavar=FLAG, help="Print one JSON object instead of streaming text."
+    ),
+    json_schema: Path | None = typer.Option(
+        None, "--json-schema", help="JSON schema file: the answer is enforced to be its JSON."
     ),
     dtype: str | None = DTYPE,
     image: list[str] = typer.Option(
@@ -335,6 +355,7 @@ def generate(
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
+    schema = _read_schema(json_schema)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
@@ -380,6 +401,8 @@ def generate(
         image_tokens=image_tokens,
         audio=list(audio) if audio else None,
         videos=videos or None,
+        json_schema=schema,
+        thinking=thinking,
     )
     if json_out:
         typer.echo(result.to_json())
@@ -580,7 +603,9 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio | vision"
+BENCH_HELP = (
+    "quality | needle | speed | memory | distortion | weights | startup | audio | vision | serve"
+)
 
 
 @app.command(
@@ -608,6 +633,94 @@ def bench(
             raise UserError(e.code.removeprefix("error: ")) from None
         if e.code not in (0, None):
             raise typer.Exit(2) from None
+
+
+# -- serve (gemma4_mlx.server) ---------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    model: str = MODEL,
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (default: loopback only)."
+    ),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    model_id: str | None = typer.Option(
+        None, "--model-id", help="The id /v1/models reports (default: the model directory's name)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="GEMMA4_MLX_API_KEY", help="Require 'Authorization: Bearer KEY'."
+    ),
+    allow_unauthenticated: bool = typer.Option(
+        False,
+        "--allow-unauthenticated",
+        metavar=FLAG,
+        help="Serve a non-loopback --host without an API key (anyone on the network can use it).",
+    ),
+    cors_origin: list[str] = typer.Option(
+        [],
+        "--cors-origin",
+        help="Allow browser requests from this origin (repeatable); none by default.",
+    ),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="Accept this Host header on a loopback bind (repeatable)."
+    ),
+    max_tokens_cap: int | None = typer.Option(
+        None,
+        "--max-tokens-cap",
+        help="Largest max_tokens a request may ask (default: the context).",
+    ),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait; more get 429."),
+    prompt_cache_bytes: int = typer.Option(
+        2 << 30, "--prompt-cache-bytes", help="Budget of the prefix cache (real KV bytes)."
+    ),
+    kv_cache: str | None = KV_CACHE,
+    kv_bits: float | None = KV_BITS,
+    key_bits: float | None = KEY_BITS,
+    value_bits: float | None = VALUE_BITS,
+    kv_spec: str | None = KV_SPEC,
+    chat_template: Path | None = CHAT_TEMPLATE,
+    dtype: str | None = DTYPE,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health). One worker owns the model and requests queue; a
+    TurboQuant cache is served one request at a time."""
+    import logging
+
+    from gemma4_mlx.cache import bind_policy
+    from gemma4_mlx.server import Server, ServerConfig
+
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    template = _read_template(chat_template, raw=False)
+    for name, value in (("--port", port), ("--max-queue", max_queue)):
+        if value < (0 if name == "--port" else 1) or (name == "--port" and value > 65535):
+            raise UserError(f"{name} is out of range: {value}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = ServerConfig(
+        host=host,
+        port=port,
+        model_id=model_id or ("demo" if model == "demo" else Path(model).name or model),
+        api_key=api_key,
+        allow_unauthenticated=allow_unauthenticated,
+        cors_origins=list(cors_origin),
+        allowed_hosts=list(allowed_host),
+        max_tokens_cap=max_tokens_cap,
+        max_queue=max_queue,
+        prompt_cache_bytes=prompt_cache_bytes,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        if allow_unauthenticated:
+            _note(f"warning: serving {host} WITHOUT an API key: anyone who can reach it can use it")
+    server = Server(config)  # /health answers 503 while the model loads
+    _note(f"listening on {server.url} (loading the model)")
+    model_dir, m, tokenizer = _load(model, dtype, quiet=False)
+    bind_policy(m, policy)
+    server.attach(m, tokenizer, model_dir, chat_template=template)
+    _note(f"serving {config.model_id} at {server.url}/v1 (KV cache: {policy})")
+    try:
+        server.thread.join()
+    finally:
+        server.close()
 
 
 def _cli_names() -> dict[str, str]:

@@ -202,11 +202,15 @@ def stream_generate(
     prompt_cache: list[Any] | None = None,
     kv_policy: KVPolicy | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    json_schema: dict | None = None,
+    thinking: bool = False,
 ) -> Iterator[Any]:
     """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
 
     ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
-    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is)."""
+    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is).
+    ``json_schema``: the answer is that schema's JSON, enforced token by token (llguidance;
+    gemma4_mlx.engine.grammar), after a thought block if ``thinking``."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -220,6 +224,11 @@ def stream_generate(
     check_context(model, len(tokens), max_tokens)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
+    processors = None
+    if json_schema is not None:
+        from gemma4_mlx.engine.grammar import schema_processor
+
+        processors = [schema_processor(model, tokenizer, json_schema, thinking)]
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
     yield from mlx_stream_generate(
@@ -230,6 +239,7 @@ def stream_generate(
         sampler=sampler,
         prompt_cache=cache,
         prompt_progress_callback=progress,
+        logits_processors=processors,
     )
 
 
@@ -293,6 +303,8 @@ def generate(
     image_tokens: int = 280,
     audio: list[str | Path | Any] | None = None,
     videos: list[Any] | None = None,
+    json_schema: dict | None = None,
+    thinking: bool = False,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -306,6 +318,8 @@ def generate(
     ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
     ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
     one each; a str prompt without any gets them in front.
+    ``json_schema``: the answer (``result.text``) is that schema's JSON, enforced while
+    sampling; ``thinking``: a thought block may come first.
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -317,6 +331,7 @@ def generate(
         return _generate_with_media(
             model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
             max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
+            json_schema=json_schema, thinking=thinking,
         )  # fmt: skip
     tokens = prompt_ids(model, tokenizer, prompt)
     check_context(model, len(tokens), max_tokens)  # the whole prompt, cached part included
@@ -337,20 +352,29 @@ def generate(
         remaining = tokens[-1:]
     return _generate_from(
         model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
-        on_text, progress, remaining,
+        on_text, progress, remaining, json_schema=json_schema, thinking=thinking,
     )  # fmt: skip
 
 
 def _generate_from(
     model, tokenizer, tokens, prefilled, max_tokens, sampling, cache, policy, on_text,
-    progress=None, remaining=None,
+    progress=None, remaining=None, json_schema=None, thinking=False,
 ) -> GenerationResult:  # fmt: skip
     """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
     (default: all but the last token); ``prefilled`` tokens ran through the model."""
     pieces, responses = [], []
     remaining = tokens[-1:] if remaining is None else remaining
     for response in stream_generate(
-        model, tokenizer, remaining, max_tokens, sampling, cache, policy, progress
+        model,
+        tokenizer,
+        remaining,
+        max_tokens,
+        sampling,
+        cache,
+        policy,
+        progress,
+        json_schema=json_schema,
+        thinking=thinking,
     ):
         pieces.append(response.text)
         responses.append(response)
@@ -361,6 +385,7 @@ def _generate_from(
 
 def _generate_with_media(
     model, tokenizer, prompt, inputs, max_tokens, sampling, policy, cache_file, on_text, progress,
+    json_schema=None, thinking=False,
 ) -> GenerationResult:  # fmt: skip
     """The whole prompt but its last token in one call (soft tokens are written at their
     placeholders, and an image block is never cut: the 26B/31B overlay needs every block
@@ -387,7 +412,8 @@ def _generate_with_media(
     mx.eval([c.state for c in cache])
     result = _generate_from(
         model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
-        progress,
+        progress, json_schema=json_schema,
+        thinking=thinking,
     )  # fmt: skip
     result.audio_tokens = audio_counts
     result.image_tokens = report["image_tokens"]

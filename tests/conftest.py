@@ -45,3 +45,11 @@ def demo_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-cache")
     ensure_demo_model(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tool_chat_model(tiny_chat_model, tmp_path_factory):
+    """tiny_chat_model with Gemma 4's tool tokens and a template that renders tools."""
+    from serving import make_tool_model
+
+    return make_tool_model(tiny_chat_model, tmp_path_factory.mktemp("tiny-tools") / "model")

@@ -17,6 +17,7 @@ BENCHMARKS = (
     "startup",
     "audio",
     "vision",
+    "serve",
 )
 DEFAULT_OUT = Path("benchmarks/results")
 

@@ -1,0 +1,203 @@
+"""The worker: one thread owns the model and the KV caches; requests wait in a bounded queue.
+
+HTTP threads build a ``Job`` (token ids, sampling, an optional grammar) and read its events:
+``("prefill", done, total)``, ``("token", id)``, then one ``("done", Outcome)`` or
+``("error", exception)``. Setting ``job.cancel`` (the client went away) stops the job between
+prefill chunks and between tokens. An exception fails that job alone; the worker goes on.
+
+Each job's prefill stops at checkpoints (the end of the system+tools prefix, the end of the
+prompt) and stores a copy of the cache there, and the cache after generation is stored too, so
+the next turn of a conversation reuses its prompt even when the replayed answer differs from the
+generated one (the thought stripped by the template, say): no trim is needed for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from gemma4_mlx.engine.prefix import PrefixStore
+
+log = logging.getLogger("gemma4_mlx.server")
+PREFILL_STEP = 512
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_tokens: int
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    grammar: Any = None  # a GrammarProcessor (fresh per job)
+    banned: list[int] = field(default_factory=list)  # token ids never sampled
+    checkpoints: list[int] = field(default_factory=list)  # prompt lengths to checkpoint at
+    cancel: threading.Event = field(default_factory=threading.Event)  # the client went away
+    halt: threading.Event = field(default_factory=threading.Event)  # a stop string was seen
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+
+@dataclass
+class Outcome:
+    finish_reason: str  # "stop" (a stop token, or the grammar complete) | "length"
+    prompt_tokens: int
+    cached_tokens: int
+    generated: int
+    prompt_seconds: float
+    decode_seconds: float
+    cache_how: str
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        cache_key: str,
+        stop_ids: list[int],
+        max_queue: int = 16,
+        prompt_cache_bytes: int = 2 << 30,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.cache_key = cache_key
+        self.stop_ids = set(stop_ids)
+        self.vocab_size = model.config.vocab_size
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.store = PrefixStore(prompt_cache_bytes)
+        self.prefill_step = PREFILL_STEP
+        self.cancelled = 0  # jobs stopped because their client went away
+        self.busy_since: float | None = None  # when the running job last made progress
+        self.thread = threading.Thread(target=self._loop, name="gemma4-worker", daemon=True)
+        self._stop = threading.Event()
+        self.thread.start()
+
+    # -- HTTP side -------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.jobs.maxsize} requests are already waiting") from None
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the running job has gone without progress (0 when idle)."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.jobs.put_nowait(None)  # wake the worker; a full queue is seen by _stop
+        except queue.Full:
+            pass
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.jobs.get()
+            if job is None:
+                return
+            if job.cancel.is_set():
+                job.events.put(("error", Cancelled()))
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                outcome = self.run(job)
+            except Cancelled as e:
+                self.cancelled += 1
+                job.events.put(("error", e))
+            except Exception as e:  # one request fails alone; the worker keeps serving
+                log.exception("request failed")
+                job.events.put(("error", e))
+            else:
+                job.events.put(("done", outcome))
+            finally:
+                self.busy_since = None
+
+    def _progress(self, job: Job) -> None:
+        self.busy_since = time.monotonic()
+        if job.cancel.is_set():
+            raise Cancelled()
+
+    def run(self, job: Job) -> Outcome:
+        """Prefill (reusing the longest safe prefix) and decode one job."""
+        from mlx_lm.sample_utils import make_sampler
+
+        start = time.perf_counter()
+        prompt = job.prompt
+        hit = self.store.fetch(self.cache_key, prompt)
+        cache = hit.cache if hit.cache is not None else self.model.make_cache()
+        done = hit.reused
+        if hit.how == "miss" and len(self.store):
+            log.info("prompt cache miss (%d prompt tokens)", len(prompt))
+        # Prefill all but the last token, stopping at each checkpoint to store a copy.
+        stops = sorted({n for n in job.checkpoints if done < n < len(prompt)} | {len(prompt) - 1})
+        total = len(prompt)
+        for stop in stops:
+            while done < stop:
+                step = min(self.prefill_step, stop - done)
+                self.model(mx.array([prompt[done : done + step]]), cache=cache, last_only=True)
+                mx.eval([c.state for c in cache])
+                done += step
+                job.events.put(("prefill", done, total))
+                self._progress(job)
+            if stop > hit.reused:
+                self.store.insert(self.cache_key, prompt[:stop], cache, copy_cache=True)
+        prompt_seconds = time.perf_counter() - start
+
+        if job.seed is not None:
+            mx.random.seed(job.seed)
+        sampler = make_sampler(job.temp, job.top_p, job.min_p, top_k=job.top_k)
+        banned = mx.array(job.banned, dtype=mx.int32) if job.banned else None
+        fed = list(prompt[:-1])  # the tokens the cache holds
+        token, finish, generated = prompt[-1], "length", 0
+        start = time.perf_counter()
+        while generated < job.max_tokens:
+            logits = self.model(mx.array([[token]]), cache=cache, last_only=True)[:, -1, :]
+            fed.append(token)
+            logits = logits.astype(mx.float32)
+            if banned is not None:
+                logits[:, banned] = -mx.inf
+            if job.grammar is not None:
+                logits = job.grammar.mask(logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            token = int(sampler(logprobs).item())
+            generated += 1
+            self._progress(job)
+            if token in self.stop_ids:
+                finish = "stop"
+                break
+            job.events.put(("token", token))
+            if job.halt.is_set():
+                finish = "stop"
+                break
+            if job.grammar is not None:
+                job.grammar.consume(token)
+                if job.grammar.done:
+                    finish = "stop"
+                    break
+        decode_seconds = time.perf_counter() - start
+        self.store.insert(self.cache_key, fed, cache, copy_cache=False)
+        return Outcome(
+            finish, len(prompt), hit.reused, generated, prompt_seconds, decode_seconds, hit.how
+        )

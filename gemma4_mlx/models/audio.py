@@ -1,11 +1,12 @@
 """Gemma 4's audio encoder (E2B/E4B): a USM-style conformer, in forward-pass order.
 
-log-mel features (B, T, 128) -> two stride-2 3x3 convolutions (T/4 frames, 40 ms each) -> N conformer
-layers (half-step FFN, chunked local self-attention with relative positions, causal light conv,
-half-step FFN) -> ``output_proj``; ``embed_audio`` (weightless RMSNorm + Linear into the text
-width) is the vision tower's ``MultimodalEmbedder``. The executable reference is transformers 5.24's ``Gemma4AudioModel`` and
-``Gemma4MultimodalEmbedder``; module names equal its checkpoint keys under ``audio_tower.`` /
-``embed_audio.``. Attention runs in float32 whatever the weights' dtype, as the reference does.
+log-mel features (B, T, 128) -> two stride-2 3x3 convolutions (T/4 frames, 40 ms each) -> N
+conformer layers (half-step FFN, chunked local self-attention with relative positions, causal
+light conv, half-step FFN) -> ``output_proj``; ``embed_audio`` (weightless RMSNorm + Linear into
+the text width) is the vision tower's ``MultimodalEmbedder``. The executable reference is
+transformers 5.24's ``Gemma4AudioModel`` and ``Gemma4MultimodalEmbedder``; module names equal its
+checkpoint keys under ``audio_tower.`` / ``embed_audio.``. Attention runs in float32 whatever the
+weights' dtype, as the reference does.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from gemma4_mlx.errors import UserError
 
 # Frames a query attends to: itself and the ones before it, ``0 <= t - s < window`` with
 # ``window = attention_context_left + WINDOW_MINUS_CONTEXT_LEFT``. -1 is transformers 5.24's rule
-# (12 frames for the released attention_context_left=13), our parity target; mlx-vlm (like Gemma 3n's
-# tril mask) lets a query see 13 frames, i.e. 0 here. Which one Google trained is unknown; on a random
-# tower the two differ by ~3 % relative.
+# (12 frames for the released attention_context_left=13), our parity target; mlx-vlm (like Gemma
+# 3n's tril mask) lets a query see 13 frames, i.e. 0 here. Which one Google trained is unknown; on
+# random towers the two rules' outputs differ by a few percent.
 WINDOW_MINUS_CONTEXT_LEFT = -1
 
 _ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "relu": nn.relu}

@@ -141,7 +141,7 @@ def generate(
     ),
     dtype: str | None = DTYPE,
     image: list[str] = typer.Option(
-        [], "--image", help="An image file to show the model (repeatable); placed before the text."
+        [], "--image", help="An image file or http(s) URL (repeatable); shown before the text."
     ),
     image_tokens: int = typer.Option(
         280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
@@ -154,6 +154,18 @@ def generate(
         "--audio",
         help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
         "repeatable. E2B/E4B only.",
+    ),
+    video: list[str] = typer.Option(
+        [], "--video", help="A video file (repeatable): frames at 70 soft tokens each."
+    ),
+    video_frames: int | None = typer.Option(
+        None, "--video-frames", help="Frames sampled uniformly per video (default 32)."
+    ),
+    video_fps: float | None = typer.Option(
+        None, "--video-fps", help="Sample this many frames per second instead of a count."
+    ),
+    video_audio: bool = typer.Option(
+        False, "--video-audio", help="Also pass each --video file's soundtrack as audio (E2B/E4B)."
     ),
 ):
     """Generate text from a prompt, streamed to the terminal."""
@@ -168,6 +180,10 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     policy = _policy(locals())
+    if video_audio:
+        if not video:
+            raise UserError("--video-audio needs --video")
+        audio = list(audio or []) + [Path(v) for v in video]
     for path in audio or []:
         if not path.is_file():  # before the (slow) model load
             raise UserError(f"{path}: no such audio file")
@@ -185,12 +201,19 @@ def generate(
 
         check_audio_supported(m)
         prompt = audio_placeholder(tokenizer, m.media_tokens) * len(audio) + prompt
-    if image:
+    videos = []
+    if image or video:
         from gemma4_mlx.media import with_image_placeholders
+        from gemma4_mlx.media.video import DEFAULT_FRAMES, load_video
         from gemma4_mlx.models.multimodal import check_media_supported
 
         check_media_supported(m)
-        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image))
+        frames = video_frames if video_frames is not None or video_fps else DEFAULT_FRAMES
+        for path in video:
+            videos.append(load_video(path, num_frames=frames, fps=video_fps))
+            if videos[-1].note:
+                typer.echo(f"note: {path}: {videos[-1].note}", err=True)
+        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image), len(video))
     tokens = build_prompt(tokenizer, prompt, system=system, thinking=thinking, raw=not use_template)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
@@ -209,6 +232,7 @@ def generate(
         progress=progress,
         images=image or None,
         image_tokens=image_tokens,
+        videos=videos or None,
         audio=list(audio) if audio else None,
     )
     if json_out:
@@ -269,8 +293,8 @@ def chat(
     kv_codec: str = KV_CODEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /audio PATH
-    (attach audio to the next message; E2B/E4B), /quit."""
+    """Multi-turn chat that reuses the KV cache between turns. /image PATH, /audio PATH (attach
+    to the next message), /reset, /save PATH, /quit."""
     from gemma4_mlx.generate import Chat
 
     policy = _policy(locals())
@@ -284,6 +308,7 @@ def chat(
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
     )
     interactive = sys.stdin.isatty()
+    pending_images: list[str] = []
     pending_audio: list[Path] = []
     while True:
         if interactive:
@@ -300,6 +325,19 @@ def chat(
         if line == "/reset":
             session.reset()
             typer.echo("[conversation reset]", err=True)
+            continue
+        if line.startswith("/image"):
+            from gemma4_mlx.media.image import open_image
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            try:
+                check_media_supported(m)
+                path = line.removeprefix("/image").strip()
+                open_image(path)  # fail now, not after the next message
+                pending_images.append(path)
+                typer.echo(f"[{path} attached to the next message]", err=True)
+            except UserError as e:
+                typer.echo(f"error: {e}", err=True)
             continue
         if line.startswith("/audio"):
             from gemma4_mlx.models.multimodal import check_audio_supported
@@ -325,15 +363,16 @@ def chat(
                 line,
                 max_tokens=max_tokens,
                 on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+                images=pending_images or None,
                 audio=pending_audio,
             )
         except UserError as e:  # an unreadable audio file: the session goes on
             if not pending_audio:
                 raise
             typer.echo(f"error: {e}", err=True)
-            pending_audio = []
+            pending_images, pending_audio = [], []
             continue
-        pending_audio = []
+        pending_images, pending_audio = [], []
         sys.stdout.write("\n")
         typer.echo(
             f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "

@@ -40,6 +40,7 @@ class GenerationResult:
     kv_cache: str = ""
     kv_cache_bytes: int = 0
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
+    video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
     audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
 
     def to_json(self) -> str:
@@ -199,6 +200,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     images: list[Any] | None = None,
     image_tokens: int = 280,
+    videos: list[Any] | None = None,
     audio: list[str | Path | Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
@@ -206,15 +208,16 @@ def generate(
     With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
-    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens.
-    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
-    one each; a str prompt without any gets them in front.
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
+    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones;
+    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill ``<|audio|>`` ones, one each (a
+    str prompt without any gets them in front).
     """
     policy = kv_policy or KVPolicy()
-    if images or audio:
+    if images or videos or audio:
         return _generate_with_media(
-            model, tokenizer, prompt, images, image_tokens, audio, max_tokens, sampling, policy,
-            prompt_cache_file, on_text, progress,
+            model, tokenizer, prompt, (images or [], image_tokens, videos or []), audio or [],
+            max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
         )  # fmt: skip
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache, reused = None, 0
@@ -254,27 +257,30 @@ def _generate_from(
 
 
 def _generate_with_media(
-    model, tokenizer, prompt, images, budget, audio, max_tokens, sampling, policy, cache_file,
-    on_text, progress,
+    model, tokenizer, prompt, inputs, audio, max_tokens, sampling, policy, cache_file, on_text,
+    progress,
 ) -> GenerationResult:  # fmt: skip
     """The whole prompt but its last token in one call (soft tokens are written at their
     placeholders, and an image block is never cut: the 26B/31B overlay needs every block
     whole), then mlx-lm's loop from the last token."""
-    from gemma4_mlx.media import prepare_images
+    from gemma4_mlx.media import prepare_media
 
     if cache_file is not None:
-        raise UserError("--prompt-cache-file cannot be combined with images or audio")
+        raise UserError("--prompt-cache-file cannot be combined with images, videos or audio")
+    images, budget, videos = inputs
     media: dict[str, Any] = {}
     audio_counts: list[int] = []
     if audio:
         tokens, media, audio_counts = audio_prompt(model, tokenizer, prompt, audio)
     else:
         tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    image_counts: list[int] = []
-    if images:  # after the audio expansion: the token types cover the final ids
-        tokens, image_media, image_counts = prepare_images(model, tokens, images, budget)
-        image_media["mm_token_type_ids"] = image_media["mm_token_type_ids"][:, :-1]
-        media.update(image_media)
+    report: dict[str, Any] = {"image_tokens": [], "video_frames": []}
+    if images or videos:  # after the audio expansion: the token types cover the final ids
+        tokens, vision_media, report = prepare_media(
+            model, tokenizer, tokens, images, budget, videos
+        )
+        vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
+        media.update(vision_media)
     _check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
     model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
@@ -283,7 +289,8 @@ def _generate_with_media(
         model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
         progress,
     )  # fmt: skip
-    result.image_tokens = image_counts
+    result.image_tokens = report["image_tokens"]
+    result.video_frames = report["video_frames"]
     result.audio_tokens = audio_counts
     return result
 
@@ -412,27 +419,55 @@ class Chat:
         text: str,
         max_tokens: int = 256,
         on_text: Callable[[str], None] | None = None,
+        images: list[Any] | None = None,
+        image_tokens: int = 280,
         audio: list[str | Path | Any] | None = None,
     ) -> GenerationResult:
-        """One user turn; ``audio`` (files or 16 kHz arrays) goes before the text, as the chat
-        template places audio items."""
-        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
-
+        """One turn; ``images`` and then ``audio`` (files or 16 kHz arrays) come before the text
+        of this turn, as the chat template places them. Earlier turns' images stay in the KV
+        cache as their soft tokens (a turn that forces a re-prefill raises); earlier turns' audio
+        is re-read when the conversation must be prefilled again."""
         if not text.strip():
             raise UserError("the message is empty")
         audio = list(audio or [])
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
-        messages.append({"role": "user", "content": AUDIO_PLACEHOLDER * len(audio) + text})
+        if audio:
+            from gemma4_mlx.media.audio import audio_placeholder
+            from gemma4_mlx.models.multimodal import check_audio_supported
+
+            check_audio_supported(self.model)
+            text = audio_placeholder(self.tokenizer, self.model.media_tokens) * len(audio) + text
+        if images:
+            from gemma4_mlx.media import with_image_placeholders
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(self.model)
+            text = with_image_placeholders(
+                self.tokenizer, self.model.media_tokens, text, len(images)
+            )
+        messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        if common == 0 and any(m.get("images") for m in self.messages):
+            raise UserError("the conversation's images are no longer in the cache: /reset")
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
-        if turn_audio:
-            new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+        if turn_audio or images:
+            media: dict[str, Any] = {}
+            if turn_audio:
+                new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+            if images:
+                from gemma4_mlx.media import prepare_media
+
+                new, vision_media, _ = prepare_media(
+                    self.model, self.tokenizer, new, images, image_tokens
+                )
+                vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
+                media.update(vision_media)
             tokens = tokens[:common] + new
             _check_context(self.model, len(tokens), max_tokens)
             self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
@@ -441,7 +476,7 @@ class Chat:
         for r in stream_generate(
             self.model,
             self.tokenizer,
-            new[-1:] if turn_audio else new,
+            new[-1:] if turn_audio or images else new,
             max_tokens,
             self.sampling,
             self.cache,
@@ -451,13 +486,16 @@ class Chat:
             responses.append(r)
             if on_text is not None and r.text:
                 on_text(r.text)
+        prefilled = len(tokens) - common
         result = _finish(
-            pieces, responses, len(tokens), len(new), self.kv_policy or KVPolicy(), self.cache
+            pieces, responses, len(tokens), prefilled, self.kv_policy or KVPolicy(), self.cache
         )
-        self.last_prefilled = len(new)
+        self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
+        if images:
+            messages[-1]["images"] = len(images)
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
         self.audio = self.audio + audio
         return result

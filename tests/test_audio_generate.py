@@ -203,3 +203,16 @@ def test_greedy_generation_with_image_and_audio_equals_transformers(audio_model)
     assert result.prompt_tokens == len(ids)
     assert result.tokens == want[: len(result.tokens)]
     assert len(result.tokens) == len(want) or result.finish_reason == "stop"
+
+
+def test_cli_video_audio_passes_the_soundtrack(audio_model, tmp_path, capsys):
+    path, _ = audio_model
+    clip = tiny_audio.write_video_with_sound(tmp_path / "clip.mp4", _clip(1.0, 6))
+    args = ["generate", "-m", str(path), "--video", str(clip), "--video-frames", "2", "-p", "hi"]
+    code, out, err = run_cli([*args, "--video-audio", "--json", "--max-tokens", "2"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["video_frames"] == [2]
+    assert len(result["audio_tokens"]) == 1 and 20 <= result["audio_tokens"][0] <= 30
+    code, _, err = run_cli(["generate", "-m", str(path), "-p", "hi", "--video-audio"], capsys)
+    assert code == 2 and "--video-audio needs --video" in err

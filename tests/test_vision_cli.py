@@ -14,6 +14,7 @@ from gemma4_mlx.errors import UserError
 from gemma4_mlx.generate import generate
 from gemma4_mlx.loading import load
 from gemma4_mlx.media import prepare_images, with_image_placeholders
+from gemma4_mlx.models.multimodal import mm_token_type_ids
 from gemma4_mlx.tokenizer import build_prompt
 
 MEDIA = ["<|image>", "<|image|>", "<image|>", "<|video|>", "<|audio>", "<|audio|>", "<audio|>"]
@@ -172,3 +173,37 @@ def test_convert_keeps_the_vision_tower_and_processor_config(tiny_mm_chat, photo
     assert model.vision_tower.patch_embedder.position_embedding_table.dtype == mx.float32
     # random tiny weights at 4 bits say nothing about quality: only that it loads and runs
     assert quantized.shape == theirs.shape and np.isfinite(quantized).all()
+
+
+def test_chat_turn_with_image_then_text_reuses_the_cache(tiny_mm_chat, photo_file):
+    from gemma4_mlx.generate import Chat
+
+    model, tokenizer = load(tiny_mm_chat)
+    chat = Chat(model, tokenizer)
+    first = chat.send("what is this", max_tokens=4, images=[photo_file], image_tokens=280)
+    assert first.prompt_tokens > 63  # the image's soft tokens are in the prompt
+    cached = list(chat.cached_tokens)
+    second = chat.send("and now", max_tokens=4)
+    assert chat.last_prefilled < 20 and chat.cached_tokens[: len(cached)] == cached
+    # the same conversation from scratch, one call with the image, gives the same answer
+    ids = chat.cached_tokens[: len(chat.cached_tokens) - len(second.tokens)]
+    _, media, _ = prepare_images(model, with_image_prompt(model, tokenizer), [photo_file], 280)
+    media["mm_token_type_ids"] = mm_token_type_ids(np.array([ids]), model.media_tokens)
+    logits = model(mx.array([ids]), cache=model.make_cache(), **media)
+    assert int(mx.argmax(logits[0, -1])) == second.tokens[0]
+
+
+def with_image_prompt(model, tokenizer):
+    return build_prompt(
+        tokenizer, with_image_placeholders(tokenizer, model.media_tokens, "what is this", 1)
+    )
+
+
+def test_chat_command_image_attachment(tiny_mm_chat, photo_file, capsys, monkeypatch):
+    stdin = f"/image {photo_file}\nwhat is it\n/image /nope.png\nthanks\n/quit\n"
+    code, out, err = run_cli(
+        ["chat", "-m", str(tiny_mm_chat), "--max-tokens", "3"], capsys, stdin, monkeypatch
+    )
+    assert code == 0, err
+    assert "attached to the next message" in err and "no such image file" in err
+    assert err.count("prefilled") == 2

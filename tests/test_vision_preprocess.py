@@ -104,3 +104,46 @@ def test_placeholder_expansion_uses_config_ids():
     assert expand_image_placeholders([1, 9, 2, 9], tokens, [2, 1]) == [1, 5, 9, 9, 6, 2, 5, 9, 6]
     with pytest.raises(UserError, match="1 image placeholder"):
         expand_image_placeholders([1, 9], tokens, [2, 2])
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A local HTTP server over tmp_path: (base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_image_equals_the_file(http_server, tmp_path):
+    from gemma4_mlx.media import image as image_module
+
+    photo = tm.photo(120, 90, 9)
+    photo.save(tmp_path / "p.png")
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    url = f"{http_server}/p.png"
+    a, b = preprocess_images([url], 70), preprocess_images([tmp_path / "p.png"], 70)
+    assert np.array_equal(a["pixel_values"], b["pixel_values"])
+    with pytest.raises(UserError, match="cannot fetch the image"):
+        preprocess_images([f"{http_server}/missing.png"], 70)
+    with pytest.raises(UserError, match="not a readable image"):
+        preprocess_images([f"{http_server}/junk.png"], 70)
+    with pytest.raises(UserError, match="MiB image limit"):
+        image_module.fetch_url(url, max_bytes=100)
+
+
+def test_animated_gif_gives_its_first_frame_as_reference(tmp_path):
+    frames = [tm.photo(40, 60, s).convert("P") for s in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
+    first = Image.open(tmp_path / "a.gif")
+    assert first.n_frames == 3
+    ours = preprocess_images([tmp_path / "a.gif"], 70)
+    _assert_same(ours, _reference([Image.open(tmp_path / "a.gif")], 70))
+    assert np.array_equal(ours["pixel_values"], preprocess_images([frames[0]], 70)["pixel_values"])

@@ -3,7 +3,9 @@ PNG under ``--out`` (default ``benchmarks/results``) and has a ``--quick`` mode 
 
 from pathlib import Path
 
-BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights", "audio")
+BENCHMARKS = (
+    "quality", "needle", "speed", "memory", "distortion", "weights", "vision", "audio",
+)  # fmt: skip
 DEFAULT_OUT = Path("benchmarks/results")
 
 

@@ -30,22 +30,84 @@ def expand_image_placeholders(ids: list[int], tokens, counts: list[int]) -> list
     return out
 
 
-def image_placeholder(tokenizer: Any, tokens) -> str:
-    """The text that tokenizes to the single ``<|image|>`` id (read from the tokenizer)."""
+def _single_token(tokenizer: Any, token_id: int, what: str) -> str:
     tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    text = tok.convert_ids_to_tokens(tokens.image)
-    if not text or tok.encode(text, add_special_tokens=False) != [tokens.image]:
+    text = tok.convert_ids_to_tokens(token_id)
+    if not text or tok.encode(text, add_special_tokens=False) != [token_id]:
         raise UserError(
-            f"the tokenizer has no single token for the image placeholder id {tokens.image} "
-            "(config.json image_token_id)"
+            f"the tokenizer has no single token for the {what} placeholder id {token_id} "
+            f"(config.json {what}_token_id)"
         )
     return text
 
 
-def with_image_placeholders(tokenizer: Any, tokens, prompt: str, n_images: int) -> str:
-    """A user message with the images first, as Gemma 4's template renders an image item."""
-    mark = image_placeholder(tokenizer, tokens)
-    return "".join(f"\n\n{mark}\n\n" for _ in range(n_images)) + prompt
+def image_placeholder(tokenizer: Any, tokens) -> str:
+    """The text that tokenizes to the single ``<|image|>`` id (read from the tokenizer)."""
+    return _single_token(tokenizer, tokens.image, "image")
+
+
+def with_image_placeholders(
+    tokenizer: Any, tokens, prompt: str, n_images: int, n_videos: int = 0
+) -> str:
+    """A user message with the media first, as Gemma 4's template renders image and video
+    items (``"\n\n<|image|>\n\n"``, ``"\n\n<|video|>\n\n"``)."""
+    out = ""
+    if n_videos:
+        mark = _single_token(tokenizer, tokens.video, "video")
+        out += "".join(f"\n\n{mark}\n\n" for _ in range(n_videos))
+    if n_images:
+        mark = image_placeholder(tokenizer, tokens)
+        out += "".join(f"\n\n{mark}\n\n" for _ in range(n_images))
+    return out + prompt
+
+
+def prepare_media(
+    model: Any,
+    tokenizer: Any,
+    ids: list[int],
+    images: list[Any] = (),
+    budget: int = 280,
+    videos: list[Any] = (),
+) -> tuple[list[int], dict[str, Any], dict[str, Any]]:
+    """(prompt ids with one placeholder per image/video, media) -> (expanded ids, the model's
+    keyword arguments incl. ``mm_token_type_ids``, a report: soft tokens per image, frames and
+    tokens per frame per video, notes). ``videos`` are ``video.Video`` objects."""
+    import numpy as np
+
+    from gemma4_mlx.models.multimodal import check_media_supported, mm_token_type_ids
+
+    check_media_supported(model)
+    tokens, media = model.media_tokens, {}
+    report: dict[str, Any] = {"image_tokens": [], "video_frames": [], "notes": []}
+    if videos:
+        from gemma4_mlx.media.video import VIDEO_BUDGET, preprocess_video, video_ids
+
+        n_slots = sum(1 for t in ids if t == tokens.video)
+        if n_slots != len(videos):
+            raise UserError(
+                f"the prompt has {n_slots} video placeholder(s) but {len(videos)} video(s) were given"
+            )
+        done = [preprocess_video(v, VIDEO_BUDGET, model.vision_config.patch_size) for v in videos]
+        it = iter(zip(videos, done))
+        expanded: list[int] = []
+        for t in ids:
+            if t == tokens.video:
+                video, feats = next(it)
+                expanded += video_ids(tokenizer, tokens, video, feats["num_soft_tokens_per_video"])
+            else:
+                expanded.append(t)
+        ids = expanded
+        media["pixel_values_videos"] = np.concatenate([d["pixel_values_videos"] for d in done])
+        media["video_position_ids"] = np.concatenate([d["video_position_ids"] for d in done])
+        report["video_frames"] = [len(v.frames) for v in videos]
+        report["notes"] += [v.note for v in videos if v.note]
+    if images:
+        ids, image_media, counts = prepare_images(model, ids, images, budget)
+        image_media.pop("mm_token_type_ids")
+        media.update(image_media)
+        report["image_tokens"] = counts
+    media["mm_token_type_ids"] = mm_token_type_ids(np.array([ids]), tokens)
+    return ids, media, report
 
 
 def prepare_images(
@@ -73,6 +135,7 @@ def prepare_images(
 
 __all__ = [
     "expand_image_placeholders",
+    "prepare_media",
     "image_placeholder",
     "prepare_images",
     "with_image_placeholders",

@@ -91,10 +91,46 @@ def to_rgb(image: Any) -> np.ndarray:
     return array
 
 
+URL_TIMEOUT_S = 20.0
+URL_MAX_BYTES = 50 * 2**20
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """GET an http(s) URL with a timeout and a size cap (UserError on any failure)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "gemma4-mlx"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise UserError(f"{url}: larger than the {max_bytes // 2**20} MiB image limit")
+            data = response.read(max_bytes + 1)
+    except UserError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"{url}: cannot fetch the image ({getattr(e, 'reason', e)})") from None
+    if len(data) > max_bytes:
+        raise UserError(f"{url}: larger than the {max_bytes // 2**20} MiB image limit")
+    return data
+
+
 def open_image(source: Any) -> Any:
-    """A path, PIL image or uint8 array -> something ``to_rgb`` takes; UserError if unreadable."""
+    """A path, http(s) URL, PIL image or uint8 array -> something ``to_rgb`` takes; UserError
+    if unreadable. An animated image gives its first frame (as the reference, which reads the
+    PIL image as opened)."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        try:
+            image = Image.open(io.BytesIO(fetch_url(source)))
+            image.load()
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise UserError(f"{source}: not a readable image ({e})") from None
+        return image
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():

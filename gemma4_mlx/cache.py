@@ -2,26 +2,38 @@
 
 One function decides it for every variant. KV-shared consumer layers get nothing (they read
 their producer's keys/values, compressed or not: quantized once, never twice). Sliding layers get
-a ring buffer of ``sliding_window`` tokens (bounded memory; REFERENCE.md measured that quantizing
-them costs quality for little memory). Global layers, which hold nearly all KV memory at long
-context, get what the policy says:
+a ring buffer of ``sliding_window`` tokens (bounded memory; on Gemma 3 270M quantizing them cost
+quality for little memory). Global layers, which hold nearly all KV memory at long context, get
+what the policy says:
 
-- ``fp16``: mlx-lm's KVCache in the model's dtype (bf16 / fp16 / fp32: the name is historical);
-- ``affine``: mlx-lm's QuantizedKVCache (group-wise affine, ``bits`` 2..8), for comparison;
+- ``exact``: mlx-lm's KVCache, in the model's dtype (float32 / bfloat16 / float16: whatever the
+  weights compute in; ``describe(dtype)`` names it). ``fp16`` is accepted as an old name for it;
+- ``affine:B``: mlx-lm's QuantizedKVCache (group-wise affine, B in 2..8 bits), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: the default average of 2.5 code bits is K3/V2), the first ``sink`` tokens and each
-  query's ``fp_window`` most recent tokens read exact, keys and values centred on the mean of
-  the ``center`` tokens after the sink (and, with ``center_block``, each later block of that
-  many tokens on the mean of the block before it), key channels in ``key_tiers`` tiers by their
-  variance over the centring tokens (strong channels get more of the key bits), codec ``mse``
-  (with norm correction) or ``prod`` (MSE at b-1 bits + 1-bit QJL residual). The defaults are
-  what benchmarks/quality.py and needle.py chose on real weights (README: the rule and the
-  numbers).
+  Gemma: the default K3/V2), the first ``sink`` tokens and each query's ``window`` most recent
+  tokens read exact, keys and values centred on the mean of the ``center`` tokens after the sink
+  (and, with ``block``, each later block of that many tokens on the mean of the block before it),
+  key channels in up to ``tiers`` tiers by their variance over the centring tokens (strong
+  channels get more of the key bits), codec ``mse`` (with norm correction) or ``prod`` (MSE at
+  b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py chose
+  on real weights (README: the rule and the numbers).
+
+A policy has one text form, ``str(policy)``, which ``KVPolicy.parse`` reads back (the CLI's
+``--kv SPEC``, benchmark setting names, prompt-cache files)::
+
+    exact
+    affine:4                     (group=64 unless said)
+    turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse
+
+``parse`` also takes the short forms a person types: ``turboquant`` (every default),
+``turboquant:3.5`` (an average of 3.5 bits split as DEFAULT_SPLITS says: K5/V2),
+``turboquant:k4,window=64`` (the rest default). Every check lives in ``KVPolicy.__post_init__``
+and raises ``KVPolicyError`` (a ValueError) naming the field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
@@ -30,7 +42,8 @@ from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
 from turboquant.cache import tiers_fit
 
-KV_KINDS = ("fp16", "affine", "turboquant")
+KV_KINDS = ("exact", "affine", "turboquant")
+KIND_ALIASES = {"fp16": "exact"}  # the old name of the exact cache (it was never only fp16)
 # Average bits -> (key bits, value bits): keys get the bits (measured on Gemma 3 270M weights).
 DEFAULT_BITS = 2.5  # K3/V2 with key tiers (README: stored bits/channel with everything counted)
 DEFAULT_SPLITS = {
@@ -44,15 +57,68 @@ DEFAULT_SPLITS = {
     6.0: (7, 5),
     8.0: (8, 8),
 }
-
-
+DEFAULT_AFFINE_BITS = 4
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mlx's affine quantization packs
 DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
+EXACT_DTYPES = ("float16", "bfloat16", "float32")
+
+# The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
+# or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
+SPEC_KEYS = {
+    "k": ("key_bits", ("turboquant",)),
+    "v": ("value_bits", ("turboquant",)),
+    "tiers": ("key_tiers", ("turboquant",)),
+    "sink": ("sink", ("turboquant",)),
+    "window": ("fp_window", ("turboquant",)),
+    "center": ("center", ("turboquant",)),
+    "block": ("center_block", ("turboquant",)),
+    "codec": ("codec", ("turboquant",)),
+    "exact": ("exact_dtype", ("turboquant",)),
+    "seed": ("seed", ("turboquant",)),
+    "group": ("group_size", ("affine",)),
+}
+FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
+
+
+class KVPolicyError(UserError):
+    """A bad KV policy setting: ``field`` is the KVPolicy field, ``key`` its name in the text
+    form, ``reason`` the message without the name (the CLI prefixes the flag it came from)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field, self.key, self.reason = field, FIELD_KEYS.get(field, field), reason
+        super().__init__(f"KV policy {self.key}: {reason}")
+
+
+def _number(key: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise KVPolicyError(SPEC_KEYS.get(key, (key,))[0], f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise KVPolicyError(SPEC_KEYS.get(key, (key,))[0], f"not a finite number: {text!r}")
+    return value
+
+
+def _integer(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise KVPolicyError(field, f"must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _half_steps(bits: float) -> bool:
+    return float(bits * 2).is_integer()
 
 
 @dataclass(frozen=True)
 class KVPolicy:
-    kind: str = "fp16"
-    bits: float | None = None  # average of key and value bits (turboquant) or affine bits
+    """Which KV cache the global layers get (see the module docstring); frozen and hashable.
+
+    Bits are stored one way, ``key_bits`` and ``value_bits`` (equal for affine, None for exact);
+    ``bits=`` is a constructor shorthand: the affine bits, or a TurboQuant average split as
+    DEFAULT_SPLITS says (``bits=3.5`` -> K5/V2; with ``key_bits`` the value bits make up the
+    average). Options a kind does not use are refused, never ignored."""
+
+    kind: str = "exact"
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
@@ -61,110 +127,249 @@ class KVPolicy:
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
     center_block: int = 512  # turboquant: a new mean every this many tokens (0: one mean)
-    # turboquant: key channels in this many tiers by their variance (0: off; None: DEFAULT_TIERS
-    # where they fit: centring on, mse codec, head dim divisible by 2^tiers, >= 4 channels a tier)
+    # turboquant: key channels in up to this many tiers by their variance (0: off; a layer gets
+    # the most that fit its head dim: divisible by 2^tiers, >= 4 channels a tier). None: the
+    # default, DEFAULT_TIERS where tiers apply (centring on, mse codec), else 0.
     key_tiers: int | None = None
-    keep_layers: tuple[int, ...] = field(default=())  # layers kept in full precision
     group_size: int = 64  # affine
-    seed: int = 0
+    seed: int = 0  # turboquant: rotation seed (each layer adds its index)
+    bits: InitVar[float | None] = None
 
-    def __post_init__(self):
-        if self.kind not in KV_KINDS:
-            raise UserError(f"--kv-cache must be one of {', '.join(KV_KINDS)}, got {self.kind!r}")
+    def __post_init__(self, bits: float | None) -> None:
+        kind = KIND_ALIASES.get(self.kind, self.kind)
+        if kind not in KV_KINDS:
+            raise KVPolicyError("kind", f"must be one of {', '.join(KV_KINDS)}, got {self.kind!r}")
+        set_ = object.__setattr__
+        set_(self, "kind", kind)
+        self._refuse_unused(bits)
+        if kind == "exact":
+            return
+        if kind == "affine":
+            self._check_affine(bits)
+            return
+        self._check_turboquant(bits)
+
+    def _refuse_unused(self, bits: float | None) -> None:
+        """Options the kind does not use, set to anything but their default, are errors."""
+        if self.kind == "exact" and (bits, self.key_bits, self.value_bits) != (None, None, None):
+            raise KVPolicyError(
+                "bits", "the exact cache has no bits (choose affine or turboquant to quantize)"
+            )
+        if self.kind == "affine" and (self.key_bits, self.value_bits) != (None, None):
+            if bits is not None or self.key_bits != self.value_bits:
+                raise KVPolicyError(
+                    "key_bits", "separate key and value bits need the turboquant cache"
+                )
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, kinds in SPEC_KEYS.values():
+            if name in ("key_bits", "value_bits") or self.kind in kinds:
+                continue
+            if getattr(self, name) != defaults[name]:
+                raise KVPolicyError(name, f"applies to {' and '.join(kinds)} only, not {self.kind}")
+
+    def _check_affine(self, bits: float | None) -> None:
+        if bits is None:
+            bits = self.key_bits if self.key_bits is not None else DEFAULT_AFFINE_BITS
+        if bits not in AFFINE_BITS:
+            raise KVPolicyError(
+                "bits",
+                f"must be one of {', '.join(map(str, AFFINE_BITS))} for the affine cache, "
+                f"got {bits:g}",
+            )
+        if self.group_size not in (32, 64, 128):
+            raise KVPolicyError("group_size", f"must be 32, 64 or 128, got {self.group_size}")
+        object.__setattr__(self, "key_bits", int(bits))
+        object.__setattr__(self, "value_bits", int(bits))
+
+    def _check_turboquant(self, bits: float | None) -> None:
+        set_ = object.__setattr__
         if self.codec not in ("mse", "prod"):
-            raise UserError(f"--kv-codec must be 'mse' or 'prod', got {self.codec!r}")
-        if self.fp_window < 0:
-            raise UserError(f"--kv-window must be >= 0, got {self.fp_window}")
-        if self.exact_dtype not in (None, "float16", "bfloat16", "float32"):
-            raise UserError(f"exact_dtype must be float16, bfloat16 or float32: {self.exact_dtype}")
-        if self.sink < 0:
-            raise UserError(f"--kv-sink must be >= 0, got {self.sink}")
-        if self.center < 0:
-            raise UserError(f"--kv-center must be >= 0, got {self.center}")
-        if self.center_block < 0:
-            raise UserError(f"--kv-center-block must be >= 0, got {self.center_block}")
+            raise KVPolicyError("codec", f"must be mse or prod, got {self.codec!r}")
+        for name in ("fp_window", "sink", "center", "center_block", "seed"):
+            value = _integer(name, getattr(self, name))
+            if value < 0:
+                raise KVPolicyError(name, f"must be >= 0, got {value}")
+            set_(self, name, value)
+        if self.exact_dtype not in (None, *EXACT_DTYPES):
+            raise KVPolicyError(
+                "exact_dtype", f"must be {', '.join(EXACT_DTYPES)}, got {self.exact_dtype!r}"
+            )
         if not self.center:  # centring off: no blocks either
-            object.__setattr__(self, "center_block", 0)
+            set_(self, "center_block", 0)
         if self.center_block and self.center > self.center_block:
-            raise UserError(
-                f"--kv-center ({self.center}) must be <= --kv-center-block "
-                f"({self.center_block}; 0 for one mean)"
+            raise KVPolicyError(
+                "center",
+                f"({self.center}) must be <= block ({self.center_block}; block=0 for one mean)",
             )
-        if self.key_tiers and not 2 <= self.key_tiers <= 5:
-            raise UserError(f"--kv-key-tiers must be 0 (off) or 2..5, got {self.key_tiers}")
-        if self.key_tiers and (not self.center or self.codec != "mse"):
-            raise UserError(
-                "--kv-key-tiers needs centring (--kv-center > 0: its tokens order the channels) "
-                "and the mse codec"
+        key, value = self._split(bits)
+        low, high = (2, 9) if self.codec == "prod" else (1, 8)
+        for name, b in (("key_bits", key), ("value_bits", value)):
+            if not low <= b <= high or not _half_steps(b):
+                raise KVPolicyError(name, f"must be {low}..{high} in steps of 0.5, got {b:g}")
+            set_(self, name, int(b) if float(b).is_integer() else float(b))
+        tiers = self.key_tiers
+        if tiers is None:
+            tiers = DEFAULT_TIERS if self.center and self.codec == "mse" else 0
+        tiers = _integer("key_tiers", tiers)
+        if tiers and not 2 <= tiers <= 5:
+            raise KVPolicyError("key_tiers", f"must be 0 (off) or 2..5, got {tiers}")
+        if tiers and (not self.center or self.codec != "mse"):
+            raise KVPolicyError(
+                "key_tiers",
+                "need centring (center > 0: its tokens order the channels) and the mse codec; "
+                "tiers=0 turns them off",
             )
-        if self.kind == "affine" and self.resolved_bits()[0] not in (2, 3, 4, 5, 6, 8):
-            raise UserError(
-                f"--kv-bits for the affine cache must be 2, 3, 4, 5, 6 or 8, got {self.bits}"
-            )
-        if self.kind == "turboquant":
-            low, high = (2, 9) if self.codec == "prod" else (1, 8)
-            for name, b in zip(("--key-bits", "--value-bits"), self.resolved_bits()):
-                if not low <= b <= high or (b * 2) != int(b * 2):
-                    raise UserError(f"{name} must be in {low}..{high} in steps of 0.5, got {b}")
+        set_(self, "key_tiers", tiers)
 
-    def resolved_bits(self) -> tuple[float, float]:
-        """(key bits, value bits)."""
+    def _split(self, bits: float | None) -> tuple[float, float]:
+        """(key bits, value bits) from the average ``bits`` and/or the explicit ones."""
+        if bits is None:
+            k_default, v_default = DEFAULT_SPLITS[DEFAULT_BITS]
+            if self.key_bits is None and self.value_bits is None:
+                return k_default, v_default
+            return (
+                self.key_bits if self.key_bits is not None else k_default,
+                self.value_bits if self.value_bits is not None else v_default,
+            )
+        if self.key_bits is not None and self.value_bits is not None:
+            raise KVPolicyError("bits", "give the average bits or both key and value bits, not all")
+        if not 1 <= bits <= 8 or not (_half_steps(bits) or float(bits) in DEFAULT_SPLITS):
+            splits = ", ".join(f"{b:g}" for b in DEFAULT_SPLITS if not _half_steps(b))
+            raise KVPolicyError("bits", f"must be 1..8 in steps of 0.5 (or {splits}), got {bits:g}")
+        if self.key_bits is not None:
+            return self.key_bits, 2 * bits - self.key_bits
+        if self.value_bits is not None:
+            return 2 * bits - self.value_bits, self.value_bits
+        return DEFAULT_SPLITS.get(float(bits), (bits, bits))
+
+    # -- the text form -----------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> KVPolicy:
+        """A policy from its text form (see the module docstring); ``str()`` gives it back."""
+        if not isinstance(text, str):
+            raise TypeError(f"a KV policy spec is a string, got {type(text).__name__}")
+        kind, _, rest = text.strip().partition(":")
+        options: dict[str, Any] = {"kind": kind.strip()}
+        for item in (i.strip() for i in rest.split(",")) if rest.strip() else ():
+            key, eq, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not eq and key[:1] in ("k", "v") and key[1:] and key[1:2] in "0123456789.":
+                key, value = key[0], key[1:]
+            elif not eq:
+                key, value = "bits", key
+            if key == "bits":
+                options["bits"] = _number("bits", value)
+                continue
+            if key not in SPEC_KEYS:
+                known = ", ".join(["N", "kN", "vN", *(k + "=" for k in SPEC_KEYS if len(k) > 1)])
+                raise KVPolicyError(key, f"unknown setting in {text!r} (known: {known})")
+            name = SPEC_KEYS[key][0]
+            if name in options:
+                raise KVPolicyError(name, f"given twice in {text!r}")
+            if name in ("codec", "exact_dtype"):
+                options[name] = value
+            elif name in ("key_bits", "value_bits"):
+                options[name] = _number(key, value)
+            else:
+                options[name] = _integer(name, _number(key, value))
+        return cls(**options)
+
+    def __str__(self) -> str:
+        if self.kind == "exact":
+            return "exact"
         if self.kind == "affine":
-            b = self.bits if self.bits is not None else 4
-            return b, b
-        avg = self.bits if self.bits is not None else DEFAULT_BITS
-        if self.bits is not None and not 1 <= self.bits <= 8:
-            raise UserError(f"--kv-bits must be in 1..8, got {self.bits}")
-        k_default, v_default = DEFAULT_SPLITS.get(float(avg), (avg, avg))
-        key = (
-            self.key_bits
-            if self.key_bits is not None
-            else (2 * avg - self.value_bits if self.value_bits is not None else k_default)
-        )
-        value = (
-            self.value_bits
-            if self.value_bits is not None
-            else (2 * avg - self.key_bits if self.key_bits is not None else v_default)
-        )
-        return float(key), float(value)
+            group = "" if self.group_size == 64 else f",group={self.group_size}"
+            return f"affine:{self.key_bits:g}{group}"
+        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}", f"tiers={self.key_tiers}"]
+        items += [f"sink={self.sink}", f"window={self.fp_window}", f"center={self.center}"]
+        if self.center:
+            items.append(f"block={self.center_block}")
+        items.append(f"codec={self.codec}")
+        if self.exact_dtype:
+            items.append(f"exact={self.exact_dtype}")
+        if self.seed:
+            items.append(f"seed={self.seed}")
+        return "turboquant:" + ",".join(items)
+
+    # -- what make_layer_cache and the reports read ------------------------------------------
+    def resolved_bits(self) -> tuple[float, float]:
+        """(key bits, value bits); None, None for the exact cache."""
+        return self.key_bits, self.value_bits
 
     @property
     def nominal_tiers(self) -> int:
         """Key tiers this policy asks for (a layer with a small head dim may get fewer)."""
-        if self.key_tiers is not None:
-            return self.key_tiers
-        on = self.kind == "turboquant" and self.center and self.codec == "mse"
-        return DEFAULT_TIERS if on else 0
+        return self.key_tiers or 0
 
     def tiers_for(self, head_dim: int) -> int:
-        """Key tiers for a layer of ``head_dim``: the policy's, or by default the most (up to
-        DEFAULT_TIERS) that fit (head dim divisible by 2^tiers, >= 4 channels a tier)."""
+        """Key tiers for a layer of ``head_dim``: the most, up to the policy's, that fit (head
+        dim divisible by 2^tiers, >= 4 channels a tier)."""
         n = self.nominal_tiers
-        if self.key_tiers is None:
-            while n and not tiers_fit(head_dim, n):
-                n -= 1
-            return n
-        if n and not tiers_fit(head_dim, n):
-            raise UserError(
-                f"--kv-key-tiers {n} needs a head dim divisible by {1 << n} with >= 4 channels "
-                f"a tier, got {head_dim}"
-            )
+        while n and not tiers_fit(head_dim, n):
+            n -= 1
         return n
 
-    def describe(self) -> str:
-        if self.kind == "fp16":
-            return "fp16 (model dtype)"
+    def exact_tokens(self) -> int:
+        """The most tokens a turboquant cache holds without compressing any: the sink plus the
+        window, and nothing is compressed before the centring tokens have all arrived."""
+        return self.sink + max(self.fp_window, self.center - 1) + getattr(self, "max_rewind", 0)
+
+    def describe(self, dtype: str | None = None) -> str:
+        """In words; ``dtype``: the model's (the exact cache's and turboquant's exact tokens)."""
+        if self.kind == "exact":
+            return f"exact {dtype}" if dtype else "exact (the model's dtype)"
         if self.kind == "affine":
-            return f"affine {self.resolved_bits()[0]:g}-bit (group {self.group_size})"
-        k, v = self.resolved_bits()
+            return f"affine {self.key_bits:g}-bit (group {self.group_size})"
         centre = f"centred on {self.center} tokens" if self.center else "uncentred"
         if self.center_block:
             centre += f", then on each previous block of {self.center_block}"
-        tiers = f", keys in {self.nominal_tiers} channel tiers" if self.nominal_tiers else ""
+        tiers = f", keys in {self.key_tiers} channel tiers" if self.key_tiers else ""
+        exact = self.exact_dtype or dtype
         return (
-            f"turboquant {self.codec} K{k:g}/V{v:g}{tiers}, {self.sink} first and "
-            f"{self.fp_window} recent tokens exact, {centre}"
+            f"turboquant {self.codec} K{self.key_bits:g}/V{self.value_bits:g}{tiers}, "
+            f"{self.sink} first and {self.fp_window} recent tokens exact"
+            + (f" ({exact})" if exact else "")
+            + f", {centre}"
         )
+
+
+def as_policy(policy: KVPolicy | str | dict | None) -> KVPolicy | None:
+    """A KVPolicy from what the API accepts: a KVPolicy, its text form, a dict of fields, or
+    None (None stays None: the model's bound policy)."""
+    if policy is None or isinstance(policy, KVPolicy):
+        return policy
+    if isinstance(policy, str):
+        return KVPolicy.parse(policy)
+    if isinstance(policy, dict):
+        return KVPolicy(**policy)
+    raise TypeError(
+        f"kv_policy must be a KVPolicy or its text form (e.g. 'turboquant'), "
+        f"got {type(policy).__name__}"
+    )
+
+
+def model_dtype(model: Any) -> str:
+    """The dtype the model computes in (the exact cache's), e.g. ``float32``."""
+    embed = model.language_model if hasattr(model, "language_model") else model
+    embed = embed.model.embed_tokens
+    weight = embed.scales if hasattr(embed, "scales") else embed.weight  # quantized: the scales
+    return str(weight.dtype).rsplit(".", 1)[-1]
+
+
+def bind_policy(model: Any, policy: KVPolicy | str | dict | None) -> KVPolicy:
+    """Make ``policy`` the model's own: ``model.make_cache()`` (and so mlx-lm's
+    ``make_prompt_cache(model)``) builds it. Checked against the model's layers here."""
+    policy = as_policy(policy) or KVPolicy()
+    target = model.language_model if hasattr(model, "language_model") else model
+    make_cache(target.config, policy)  # raises if a layer cannot take it (e.g. affine groups)
+    target.kv_policy = policy
+    return policy
+
+
+def bound_policy(model: Any) -> KVPolicy:
+    """The policy bound to ``model`` (the exact cache if none was)."""
+    target = model.language_model if hasattr(model, "language_model") else model
+    return getattr(target, "kv_policy", None) or KVPolicy()
 
 
 def cache_layers(config: TextConfig) -> list[LayerSpec]:
@@ -175,7 +380,7 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
 def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
         return RotatingKVCache(max_size=config.sliding_window, keep=0)
-    if policy.kind == "fp16" or spec.index in policy.keep_layers:
+    if policy.kind == "exact":
         return KVCache()
     if policy.kind == "affine":
         group = policy.group_size if spec.head_dim % policy.group_size == 0 else 32
@@ -214,8 +419,5 @@ def make_cache(config: Any, policy: KVPolicy | dict | None = None) -> list[Any]:
     """One cache per cache-owning layer. ``config`` is a TextConfig or a model with ``.config``."""
     if not isinstance(config, TextConfig):
         config = config.config
-    if policy is None:
-        policy = KVPolicy()
-    elif isinstance(policy, dict):
-        policy = KVPolicy(**policy)
+    policy = as_policy(policy) or KVPolicy()
     return [make_layer_cache(config, spec, policy) for spec in cache_layers(config)]

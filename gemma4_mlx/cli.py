@@ -1,6 +1,9 @@
-"""``gemma4-mlx``: generate, chat, convert.
+"""``gemma4-mlx``: generate, chat, convert, bench.
 
-Every user error is one line on stderr (``error: ...``) and exit status 2, never a traceback.
+Every user error is one line on stderr (``error: ...``) and exit status 2, never a traceback;
+Ctrl-C is ``interrupted`` and exit status 130, from the first import on. Heavy modules (mlx_lm,
+transformers, the model code) are imported inside the commands, after the options are checked,
+so ``--help``, ``--version`` and option errors return in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -8,9 +11,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import typer
+try:  # Ctrl-C while Python is still importing gets the same one word as later on
+    import typer
 
-from gemma4_mlx.errors import UserError
+    from gemma4_mlx.errors import BadArgument, UserError
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    raise SystemExit(130) from None
+
+
+def finite_float(text: str) -> float:
+    """A float option that refuses nan and inf (they pass every range check, then sample
+    garbage). Used by every float option."""
+    import math
+
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not a finite number")
+    return number
+
+
+def dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise ValueError(f"{text!r} is not one of {', '.join(DTYPES)}")
+    return text
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+FLAG = ""  # metavar of on/off options: they take no value, so the help shows none
 
 app = typer.Typer(
     add_completion=False,
@@ -19,87 +50,192 @@ app = typer.Typer(
     help="Gemma 4 on MLX with a TurboQuant-compressed KV cache.",
 )
 
+
+def _show_version(value: bool) -> None:
+    if value:
+        from gemma4_mlx import __version__
+
+        typer.echo(f"gemma4-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        callback=_show_version,
+        is_eager=True,
+        metavar=FLAG,
+        help="Print the version and exit.",
+    ),
+):
+    """Gemma 4 on MLX with a TurboQuant-compressed KV cache."""
+
+
+# Options shared by generate and chat: declared once here, listed in both signatures.
 MODEL = typer.Option(
     "demo", "--model", "-m", help="Model directory, hub repo id, or 'demo' (offline Gemma 3 270M)."
 )
 KV_CACHE = typer.Option(
-    "fp16", "--kv-cache", help="fp16 (model dtype) | affine (mlx-lm) | turboquant."
+    None,
+    "--kv-cache",
+    help="KV cache of the global layers: exact (the model's dtype; default) | affine (mlx-lm) | "
+    "turboquant (default when a bits option is given).",
 )
 KV_BITS = typer.Option(
-    None, "--kv-bits", help="Average K/V bits (turboquant: 3.5 means K5/V2) or affine bits."
-)
-KEY_BITS = typer.Option(None, "--key-bits", help="TurboQuant key bits (overrides the split).")
-VALUE_BITS = typer.Option(None, "--value-bits", help="TurboQuant value bits (overrides the split).")
-KV_WINDOW = typer.Option(
-    None, "--kv-window", help="TurboQuant: recent tokens each query reads exact (default: policy)."
-)
-KV_SINK = typer.Option(
-    None, "--kv-sink", help="TurboQuant: first tokens kept exact (default: policy)."
-)
-KV_CENTER = typer.Option(
     None,
-    "--kv-center",
-    help="TurboQuant: tokens after the sink whose mean centres the codes; 0: off (default: policy).",
+    "--kv-bits",
+    parser=finite_float,
+    help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2) "
+    "or the affine bits.",
 )
-KV_CENTER_BLOCK = typer.Option(
+KEY_BITS = typer.Option(
+    None, "--key-bits", parser=finite_float, help="TurboQuant key bits (1..8, steps of 0.5)."
+)
+VALUE_BITS = typer.Option(
+    None, "--value-bits", parser=finite_float, help="TurboQuant value bits (1..8, steps of 0.5)."
+)
+KV_SPEC = typer.Option(
     None,
-    "--kv-center-block",
-    help="TurboQuant: a new mean (the previous block's) every N tokens; 0: one mean "
-    "(default: policy).",
+    "--kv",
+    metavar="SPEC",
+    help="The whole KV policy in one string, e.g. 'turboquant:k3,v2,window=64,sink=4' "
+    "(research settings: README, KV options); instead of the options above.",
 )
-KV_KEY_TIERS = typer.Option(
+DTYPE = typer.Option(
     None,
-    "--kv-key-tiers",
-    help="TurboQuant: key channels in N tiers by their variance over the centring tokens, "
-    "strong ones with more bits; 0: one rotation over all (default: policy).",
+    "--dtype",
+    parser=dtype_name,
+    help="Cast weights: float32 | bfloat16 | float16.",
 )
-KV_CODEC = typer.Option(
-    "mse", "--kv-codec", help="TurboQuant codec: mse (norm-corrected) | prod (+1-bit QJL)."
+SYSTEM = typer.Option(None, "--system", help="System prompt (needs a chat template).")
+TEMP = typer.Option(
+    None, "--temp", parser=finite_float, help="Temperature (default: generation_config or 0)."
 )
-DTYPE = typer.Option(None, "--dtype", help="Cast weights: float32 | bfloat16 | float16.")
+TOP_P = typer.Option(None, "--top-p", parser=finite_float, help="Nucleus sampling: (0, 1].")
+TOP_K = typer.Option(None, "--top-k", help="Sample from the k most likely tokens; 0: off.")
+MIN_P = typer.Option(None, "--min-p", parser=finite_float, help="Minimum probability: [0, 1].")
+SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+THINKING = typer.Option(
+    False,
+    "--thinking/--no-thinking",
+    metavar=FLAG,
+    help="Let the model think first (needs a chat template with a thinking mode).",
+)
+CHAT_TEMPLATE = typer.Option(
+    None,
+    "--chat-template",
+    help="Jinja chat template file (default: the tokenizer's own; none: raw continuation).",
+)
 
 
-def _policy(options: dict):
-    """The KV policy that a command's ``--kv-*``/``--key-bits``/``--value-bits`` options say;
-    ``options`` is the command's ``locals()``. Options left unset take the policy's defaults."""
-    from gemma4_mlx.cache import KVPolicy
-
-    extra = {
-        "fp_window": options["kv_window"],
-        "sink": options["kv_sink"],
-        "center": options["kv_center"],
-        "center_block": options["kv_center_block"],
-        "key_tiers": options["kv_key_tiers"],
-    }
-    return KVPolicy(
-        kind=options["kv_cache"],
-        bits=options["kv_bits"],
-        key_bits=options["key_bits"],
-        value_bits=options["value_bits"],
-        codec=options["kv_codec"],
-        **{k: v for k, v in extra.items() if v is not None},
-    )
+KV_FLAGS = {"kind": "--kv-cache", "bits": "--kv-bits", "key_bits": "--key-bits"}
+KV_FLAGS["value_bits"] = "--value-bits"
 
 
-def _sampling(model_dir: Path, temp, top_p, top_k, min_p, seed):
+def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec):
+    """The KV policy the KV options say, checked before the model loads. One rule for bits
+    (mlx-lm's: ``--kv-bits`` turns quantization on): a bits option without ``--kv-cache``
+    means turboquant; with ``--kv-cache exact`` it is refused, as are key/value bits with
+    affine. ``--kv SPEC`` is the whole policy (KVPolicy.parse) and excludes the others."""
+    from gemma4_mlx.cache import KIND_ALIASES, KVPolicy, KVPolicyError
+
+    flags = {"--kv-cache": kv_cache, "--kv-bits": kv_bits, "--key-bits": key_bits}
+    flags["--value-bits"] = value_bits
+    given = {flag: value for flag, value in flags.items() if value is not None}
+    if kv_spec is not None:
+        if given:
+            raise UserError(f"--kv SPEC is the whole KV policy: drop {', '.join(given)}")
+        try:
+            return KVPolicy.parse(kv_spec)
+        except KVPolicyError as e:
+            raise UserError(f"--kv {e.key}: {e.reason}") from None
+    bits_flags = [f for f in ("--kv-bits", "--key-bits", "--value-bits") if f in given]
+    kind = KIND_ALIASES.get(kv_cache, kv_cache) or ("turboquant" if bits_flags else "exact")
+    if kind == "exact" and bits_flags:
+        raise UserError(
+            f"{bits_flags[0]} quantizes the KV cache: use --kv-cache turboquant or affine, "
+            "not exact"
+        )
+    split = [f for f in ("--key-bits", "--value-bits") if f in given]
+    if kind == "affine" and split:
+        raise UserError(f"{split[0]} needs --kv-cache turboquant (affine has one --kv-bits)")
+    try:
+        return KVPolicy(kind, key_bits=key_bits, value_bits=value_bits, bits=kv_bits)
+    except KVPolicyError as e:
+        flag = KV_FLAGS.get(e.field, "--kv-cache")
+        if flag not in given and kv_bits is not None:  # value bits made up from the average
+            others = " and ".join(f"{f} {given[f]:g}" for f in bits_flags)
+            name = e.field.replace("_", " ")
+            raise UserError(f"{others}: the {name} they leave {e.reason}") from None
+        raise UserError(f"{flag} {e.reason}") from None
+
+
+def _sampling(model_dir: Path | None, temp, top_p, top_k, min_p, seed):
+    """The sampling options: the user's, else generation_config.json's, else neutral; checked.
+    With ``model_dir=None`` (before the model is found) only the user's values are checked."""
     from gemma4_mlx.generate import SamplingOptions, generation_defaults
 
     defaults = generation_defaults(model_dir)
-    return SamplingOptions(
+    sampling = SamplingOptions(
         temp=temp if temp is not None else defaults.get("temp", 0.0),
         top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
         top_k=top_k if top_k is not None else defaults.get("top_k", 0),
         min_p=min_p if min_p is not None else defaults.get("min_p", 0.0),
         seed=seed,
     )
+    sampling.validate()
+    return sampling
 
 
-def _load(model: str, dtype: str | None, text_only: bool = False):
+def _load(model: str, dtype: str | None, quiet: bool, text_only: bool = False):
     from gemma4_mlx.loading import load_model, load_tokenizer, resolve_model_path
 
+    if model == "demo" and not Path(model).is_dir():
+        from gemma4_mlx.demo import ensure_demo_model
+
+        ensure_demo_model(progress=None if quiet else _note)
     model_dir = resolve_model_path(model)
     m, config = load_model(model_dir, dtype=dtype, text_only=text_only)
     return model_dir, m, load_tokenizer(model_dir, config)
+
+
+def _note(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+def _decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+def _read_prompt(prompt: str) -> str:
+    """``-p TEXT``, or ``-p -``: stdin, less the one newline that ends a piped line or file."""
+    if prompt == "-":
+        return _decode(sys.stdin.buffer.read(), "the prompt (stdin)").removesuffix("\n")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raw = prompt.encode("utf-8", "surrogateescape")
+        return _decode(raw, "the prompt")
+    return prompt
+
+
+def _read_template(path: Path | None, raw: bool) -> str | None:
+    if path is None:
+        return None
+    if raw:
+        raise UserError("--raw and --chat-template contradict each other: pass one")
+    try:
+        return _decode(path.read_bytes(), f"{path}")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the chat template ({e.strerror})") from None
 
 
 @app.command()
@@ -108,36 +244,28 @@ def generate(
     prompt: str = typer.Option(
         ..., "--prompt", "-p", help="The prompt, or '-' to read it from stdin."
     ),
-    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    system: str | None = SYSTEM,
     max_tokens: int = typer.Option(256, "--max-tokens", help="Maximum tokens to generate."),
-    temp: float | None = typer.Option(
-        None, "--temp", help="Temperature (default: generation_config or 0)."
-    ),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    min_p: float | None = typer.Option(None, "--min-p"),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
-    thinking: bool = typer.Option(
-        False, "--thinking/--no-thinking", help="Let the model think first."
-    ),
+    temp: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    top_k: int | None = TOP_K,
+    min_p: float | None = MIN_P,
+    seed: int | None = SEED,
+    thinking: bool = THINKING,
     raw: bool = typer.Option(
-        False, "--raw", help="Feed the prompt as is, without the chat template."
+        False, "--raw", metavar=FLAG, help="Feed the prompt as is, without the chat template."
     ),
-    kv_cache: str = KV_CACHE,
+    chat_template: Path | None = CHAT_TEMPLATE,
+    kv_cache: str | None = KV_CACHE,
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
-    kv_window: int | None = KV_WINDOW,
-    kv_sink: int | None = KV_SINK,
-    kv_center: int | None = KV_CENTER,
-    kv_center_block: int | None = KV_CENTER_BLOCK,
-    kv_key_tiers: int | None = KV_KEY_TIERS,
-    kv_codec: str = KV_CODEC,
+    kv_spec: str | None = KV_SPEC,
     prompt_cache_file: Path | None = typer.Option(
         None, "--prompt-cache-file", help="Reuse/save the prompt's KV cache."
     ),
     json_out: bool = typer.Option(
-        False, "--json", help="Print one JSON object instead of streaming text."
+        False, "--json", metavar=FLAG, help="Print one JSON object instead of streaming text."
     ),
     dtype: str | None = DTYPE,
     image: list[str] = typer.Option(
@@ -147,7 +275,10 @@ def generate(
         280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
     ),
     text_only: bool = typer.Option(
-        False, "--text-only", help="Skip the vision and audio towers (less memory, text only)."
+        False,
+        "--text-only",
+        metavar=FLAG,
+        help="Skip the vision and audio towers (less memory, text only).",
     ),
     audio: list[Path] | None = typer.Option(
         None,
@@ -165,21 +296,32 @@ def generate(
         None, "--video-fps", help="Sample this many frames per second instead of a count."
     ),
     video_audio: bool = typer.Option(
-        False, "--video-audio", help="Also pass each --video file's soundtrack as audio (E2B/E4B)."
+        False,
+        "--video-audio",
+        metavar=FLAG,
+        help="Also pass each --video file's soundtrack as audio (E2B/E4B).",
     ),
 ):
-    """Generate text from a prompt, streamed to the terminal."""
-    from gemma4_mlx.generate import generate as run_generate
-    from gemma4_mlx.generate import memory_warning
-    from gemma4_mlx.tokenizer import build_prompt
+    """Generate text from a prompt, streamed to the terminal.
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise UserError("the prompt is empty")
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    policy = _policy(locals())
+    The prompt goes through the tokenizer's chat template when it has one; a base model (no
+    template, like the demo) continues it as raw text."""
+    from gemma4_mlx.generate import (
+        check_context,
+        check_max_tokens,
+        check_prompt_text,
+        memory_warning,
+    )
+    from gemma4_mlx.generate import generate as run_generate
+    from gemma4_mlx.tokenizer import NO_TEMPLATE_NOTE, build_prompt, prompt_template
+
+    # Everything the options alone decide is checked before the model loads.
+    prompt = _read_prompt(prompt)
+    check_prompt_text(prompt)
+    check_max_tokens(max_tokens)
+    _sampling(None, temp, top_p, top_k, min_p, seed)
+    template_text = _read_template(chat_template, raw)
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     if video_audio:
         if not video:
             raise UserError("--video-audio needs --video")
@@ -191,10 +333,9 @@ def generate(
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
-    model_dir, m, tokenizer = _load(model, dtype, text_only)
+    model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
-    sampling.validate()
-    use_template = not raw and _has_template(tokenizer)
+    template = prompt_template(tokenizer, template_text, raw, system, thinking)
     if audio:  # one placeholder per file before the text (after the images), as the template
         from gemma4_mlx.media.audio import audio_placeholder
         from gemma4_mlx.models.multimodal import check_audio_supported
@@ -212,12 +353,15 @@ def generate(
         for path in video:
             videos.append(load_video(path, num_frames=frames, fps=video_fps))
             if videos[-1].note:
-                typer.echo(f"note: {path}: {videos[-1].note}", err=True)
+                _note(f"note: {path}: {videos[-1].note}")
         prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image), len(video))
-    tokens = build_prompt(tokenizer, prompt, system=system, thinking=thinking, raw=not use_template)
+    tokens = build_prompt(tokenizer, prompt, system, thinking, raw, chat_template=template_text)
+    check_context(m, len(tokens), max_tokens)
     warning = memory_warning(model_dir, m, policy, len(tokens) + max_tokens)
     if warning:
-        typer.echo(warning, err=True)
+        _note(warning)
+    if template is None and not raw and not json_out:
+        _note(NO_TEMPLATE_NOTE)
     progress = None if json_out or not sys.stderr.isatty() else _progress_bar()
     stream = None if json_out else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     result = run_generate(
@@ -239,22 +383,11 @@ def generate(
         typer.echo(result.to_json())
     else:
         sys.stdout.write("\n")
-        typer.echo(
+        _note(
             f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} prefilled) at "
             f"{result.prompt_tps:.1f} tok/s, {len(result.tokens)} generated at {result.generation_tps:.1f} tok/s, "
-            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}]",
-            err=True,
+            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}]"
         )
-
-
-def _has_template(tokenizer) -> bool:
-    from gemma4_mlx.tokenizer import chat_template
-
-    try:
-        chat_template(tokenizer)
-        return True
-    except UserError:
-        return False
 
 
 def _progress_bar():
@@ -270,35 +403,44 @@ def _progress_bar():
     return show
 
 
+CHAT_COMMANDS = (
+    "/reset, /save [PATH], /image PATH, /audio PATH, /quit "
+    "(start a message with // to send a leading /)"
+)
+
+
 @app.command()
 def chat(
     model: str = MODEL,
-    system: str | None = typer.Option(None, "--system"),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
-    temp: float | None = typer.Option(None, "--temp"),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    min_p: float | None = typer.Option(None, "--min-p"),
-    seed: int | None = typer.Option(None, "--seed"),
-    thinking: bool = typer.Option(False, "--thinking/--no-thinking"),
-    kv_cache: str = KV_CACHE,
+    system: str | None = SYSTEM,
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Maximum tokens per answer."),
+    temp: float | None = TEMP,
+    top_p: float | None = TOP_P,
+    top_k: int | None = TOP_K,
+    min_p: float | None = MIN_P,
+    seed: int | None = SEED,
+    thinking: bool = THINKING,
+    chat_template: Path | None = CHAT_TEMPLATE,
+    kv_cache: str | None = KV_CACHE,
     kv_bits: float | None = KV_BITS,
     key_bits: float | None = KEY_BITS,
     value_bits: float | None = VALUE_BITS,
-    kv_window: int | None = KV_WINDOW,
-    kv_sink: int | None = KV_SINK,
-    kv_center: int | None = KV_CENTER,
-    kv_center_block: int | None = KV_CENTER_BLOCK,
-    kv_key_tiers: int | None = KV_KEY_TIERS,
-    kv_codec: str = KV_CODEC,
+    kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
 ):
     """Multi-turn chat that reuses the KV cache between turns. /image PATH, /audio PATH (attach
-    to the next message), /reset, /save PATH, /quit."""
-    from gemma4_mlx.generate import Chat
+    to the next message), /reset, /save PATH, /quit.
 
-    policy = _policy(locals())
-    model_dir, m, tokenizer = _load(model, dtype)
+    An error in a turn or a command is one line and the conversation goes on; Ctrl-C during an
+    answer stops that answer."""
+    from gemma4_mlx.generate import Chat, check_max_tokens
+    from gemma4_mlx.tokenizer import NO_TEMPLATE_NOTE
+
+    check_max_tokens(max_tokens)
+    _sampling(None, temp, top_p, top_k, min_p, seed)
+    template_text = _read_template(chat_template, raw=False)
+    policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    model_dir, m, tokenizer = _load(model, dtype, quiet=False)
     session = Chat(
         m,
         tokenizer,
@@ -306,79 +448,83 @@ def chat(
         thinking=thinking,
         kv_policy=policy,
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
+        chat_template=template_text,
     )
+    if session.template is None:
+        _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
-    pending_images: list[str] = []
-    pending_audio: list[Path] = []
+    pending: dict[str, list] = {"images": [], "audio": []}  # media attached to the next message
     while True:
         if interactive:
             sys.stdout.write(">> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
+        data = sys.stdin.buffer.readline()
+        if not data:
             break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
+        try:
+            line = _decode(data, "the line").strip()
+            if _chat_line(session, line, max_tokens, pending) == "quit":
+                break
+        except (UserError, OSError) as e:  # one line, and the conversation goes on
+            message = e.worded_for(_cli_names()) if isinstance(e, BadArgument) else e
+            _note(f"error: {message}")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            _note("[interrupted: answer stopped]")
+
+
+def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) -> str | None:
+    """One line of the REPL: a /command or a message. Returns "quit" to end the session."""
+    if not line:
+        return None
+    if line.startswith("/") and not line.startswith("//"):
+        command, _, argument = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return "quit"
+        if command == "/reset":
             session.reset()
-            typer.echo("[conversation reset]", err=True)
-            continue
-        if line.startswith("/image"):
+            _note("[conversation reset]")
+        elif command == "/save":
+            path = argument.strip() or "chat-cache.safetensors"
+            session.save(path)
+            _note(f"[saved the conversation's KV cache to {path}]")
+        elif command == "/image":
             from gemma4_mlx.media.image import open_image
             from gemma4_mlx.models.multimodal import check_media_supported
 
-            try:
-                check_media_supported(m)
-                path = line.removeprefix("/image").strip()
-                open_image(path)  # fail now, not after the next message
-                pending_images.append(path)
-                typer.echo(f"[{path} attached to the next message]", err=True)
-            except UserError as e:
-                typer.echo(f"error: {e}", err=True)
-            continue
-        if line.startswith("/audio"):
+            check_media_supported(session.model)
+            path = argument.strip()
+            open_image(path)  # fail now, not after the next message
+            pending["images"].append(path)
+            _note(f"[{path} attached to the next message]")
+        elif command == "/audio":
             from gemma4_mlx.models.multimodal import check_audio_supported
 
-            path = Path(line.removeprefix("/audio").strip())
-            try:
-                check_audio_supported(m)
-                if not path.is_file():
-                    raise UserError(f"{path}: no such audio file")
-            except UserError as e:  # the session goes on
-                typer.echo(f"error: {e}", err=True)
-                continue
-            pending_audio.append(path)
-            typer.echo(f"[{path} goes with the next message]", err=True)
-            continue
-        if line.startswith("/save"):
-            path = line.removeprefix("/save").strip() or "chat-cache.safetensors"
-            session.save(path)
-            typer.echo(f"[saved the conversation's KV cache to {path}]", err=True)
-            continue
-        try:
-            result = session.send(
-                line,
-                max_tokens=max_tokens,
-                on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
-                images=pending_images or None,
-                audio=pending_audio,
-            )
-        except UserError as e:  # an unreadable audio file: the session goes on
-            if not pending_audio:
-                raise
-            typer.echo(f"error: {e}", err=True)
-            pending_images, pending_audio = [], []
-            continue
-        pending_images, pending_audio = [], []
-        sys.stdout.write("\n")
-        typer.echo(
-            f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "
-            f"{result.generation_tps:.1f} tok/s]",
-            err=True,
-        )
+            check_audio_supported(session.model)
+            path = Path(argument.strip())
+            if not path.is_file():
+                raise UserError(f"{path}: no such audio file")
+            pending["audio"].append(path)
+            _note(f"[{path} goes with the next message]")
+        else:
+            raise UserError(f"unknown command {command}: the commands are {CHAT_COMMANDS}")
+        return None
+    # Attached media go with this message whatever happens to it (an error drops them).
+    images, pending["images"] = pending["images"], []
+    audio, pending["audio"] = pending["audio"], []
+    result = session.send(
+        line.removeprefix("/"),
+        max_tokens=max_tokens,
+        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+        images=images or None,
+        audio=audio or None,
+    )
+    sys.stdout.write("\n")
+    _note(
+        f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "
+        f"{result.generation_tps:.1f} tok/s]"
+    )
+    return None
 
 
 @app.command()
@@ -389,31 +535,53 @@ def convert(
     mlx_path: Path = typer.Option(
         ..., "--mlx-path", help="Output directory (must not exist unless --force)."
     ),
-    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the weights."),
-    q_bits: int = typer.Option(4, "--q-bits"),
-    q_group_size: int = typer.Option(64, "--q-group-size"),
-    q_mode: str = typer.Option("affine", "--q-mode", help="affine | mxfp4 | nvfp4 | mxfp8"),
+    quantize: bool = typer.Option(
+        False, "--quantize", "-q", metavar=FLAG, help="Quantize the weights."
+    ),
+    q_bits: int | None = typer.Option(None, "--q-bits", help="With -q: bits per weight [4]."),
+    q_group_size: int | None = typer.Option(
+        None, "--q-group-size", help="With -q: weights per scale [64]."
+    ),
+    q_mode: str | None = typer.Option(
+        None, "--q-mode", help="With -q: affine | mxfp4 | nvfp4 | mxfp8 [affine]."
+    ),
     dtype: str | None = DTYPE,
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    force: bool = typer.Option(
+        False, "--force", metavar=FLAG, help="Replace an existing output directory."
+    ),
     upload_repo: str | None = typer.Option(
         None, "--upload-repo", help="Upload the result to this hub repo."
     ),
 ):
     """Convert (and optionally quantize) a checkpoint into an MLX directory mlx-lm can also load."""
+    given = [
+        flag
+        for flag, value in (
+            ("--q-bits", q_bits),
+            ("--q-group-size", q_group_size),
+            ("--q-mode", q_mode),
+        )
+        if value is not None
+    ]
+    if given and not quantize:
+        raise UserError(f"{', '.join(given)} only apply with --quantize (-q)")
     from gemma4_mlx.convert import convert as run_convert
 
     out = run_convert(
         hf_path,
         mlx_path,
         quantize=quantize,
-        q_bits=q_bits,
-        q_group_size=q_group_size,
-        q_mode=q_mode,
+        q_bits=4 if q_bits is None else q_bits,
+        q_group_size=64 if q_group_size is None else q_group_size,
+        q_mode=q_mode or "affine",
         dtype=dtype,
         force=force,
         upload_repo=upload_repo,
     )
     typer.echo(f"wrote {out}")
+
+
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio"
 
 
 @app.command(
@@ -423,44 +591,59 @@ def convert(
 def bench(
     ctx: typer.Context,
     name: str = typer.Argument(
-        ...,
-        help="quality | needle | speed | memory | distortion | weights | audio (then its own options, or --help)",
+        "--help", help=f"{BENCH_HELP} (then its own options, or --help)", show_default=False
     ),
 ):
     """Run a benchmark (JSON + PNG under --out, default benchmarks/results; --quick for a smoke run)."""
     from gemma4_mlx.bench import BENCHMARKS, run
 
+    if name in ("--help", "-h"):
+        typer.echo(ctx.get_help())
+        return
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
     try:
-        run(name, list(ctx.args))
+        run(name, list(ctx.args), prog=f"gemma4-mlx bench {name}")
     except SystemExit as e:  # argparse: --help (0) or a bad option (2, message already printed)
+        if isinstance(e.code, str):  # SystemExit("error: ..."): the one line is the message
+            raise UserError(e.code.removeprefix("error: ")) from None
         if e.code not in (0, None):
             raise typer.Exit(2) from None
 
 
+def _cli_names() -> dict[str, str]:
+    """API argument name -> how the CLI names it, for ``BadArgument`` messages."""
+    names = {"prompt": "the prompt", "text": "the message", "thinking": "--thinking"}
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            long = [o for o in param.opts if o.startswith("--")]
+            if param.name and long:
+                names.setdefault(param.name, long[0])
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line and exit status 2."""
+    """Console entry point: user errors become one line and exit status 2, Ctrl-C 130."""
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
+    except BadArgument as e:
+        typer.echo(f"error: {e.worded_for(_cli_names())}", err=True)
+        sys.exit(2)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        typer.echo("interrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.TyperException as e:  # bad option values, missing options (click's errors)
-        message = e.format_message()
+        message = e.format_message().replace(": Value error, ", ": ")  # a parser's ValueError
         if message:  # an empty message is the help text shown for a bare command
             typer.echo(f"error: {message}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -125,10 +125,15 @@ def convert(
     from gemma4_mlx.loading import load_model, resolve_model_path
 
     out = Path(mlx_path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a model directory (--force only replaces those)")
     if out.exists() and not force:
         raise UserError(f"{out}: output directory already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
     try:
         source = Path(str(hf_path))
         if source.suffix == ".gguf":
@@ -162,6 +167,8 @@ def convert(
         if out.exists():
             shutil.rmtree(out)
         stage.rename(out)
+    except OSError as e:  # a full disk or an unwritable output directory
+        raise UserError(f"{out}: cannot write the converted model ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if upload_repo:

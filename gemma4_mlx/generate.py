@@ -8,20 +8,23 @@ prompt-cache files, thinking/tool-call parsing, and a Chat that keeps its cache 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate as mlx_stream_generate
-from mlx_lm.sample_utils import make_sampler
 
-from gemma4_mlx.cache import KVPolicy, cache_layers
-from gemma4_mlx.errors import UserError
+from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
+
+# mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
+# transformers (and torch, where it is installed), seconds that `gemma4-mlx --help` must not pay.
+if TYPE_CHECKING:
+    from gemma4_mlx.cache import KVPolicy
 
 
 @dataclass
@@ -37,8 +40,9 @@ class GenerationResult:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: str | None
-    kv_cache: str = ""
+    kv_cache: str = ""  # the KV policy used, in words
     kv_cache_bytes: int = 0
+    kv_policy: str = ""  # the KV policy used, in its text form (KVPolicy.parse reads it)
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
     video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
     audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
@@ -56,14 +60,69 @@ class SamplingOptions:
     seed: int | None = None
 
     def validate(self) -> None:
+        for name in ("temp", "top_p", "min_p"):
+            _check_number(name, getattr(self, name))
+        _check_int("top_k", self.top_k)
+        if self.seed is not None:
+            _check_int("seed", self.seed)
         if self.temp < 0:
-            raise UserError(f"--temp must be >= 0, got {self.temp}")
+            raise BadArgument("temp", f"must be >= 0, got {self.temp}")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise BadArgument("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+            raise BadArgument("top_k", f"must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
-            raise UserError(f"--min-p must be in [0, 1], got {self.min_p}")
+            raise BadArgument("min_p", f"must be in [0, 1], got {self.min_p}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    """A finite real number (nan and inf pass every comparison check: refuse them first)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadArgumentType(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise BadArgument(name, f"must be a finite number, got {value}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadArgumentType(name, f"must be an int, got {value!r}")
+
+
+def check_max_tokens(max_tokens: Any) -> None:
+    _check_int("max_tokens", max_tokens)
+    if max_tokens < 1:
+        raise BadArgument("max_tokens", f"must be >= 1, got {max_tokens}")
+
+
+def check_prompt_text(prompt: str) -> None:
+    if not prompt.strip():
+        raise BadArgument("prompt", "is empty")
+
+
+def prompt_ids(model: Any, tokenizer: Any, prompt: Any) -> list[int]:
+    """``prompt`` (text, encoded raw as in mlx-lm, or token ids) -> checked token ids.
+
+    Ids outside the vocabulary would index past the embedding table (a crash, not an error)."""
+    if isinstance(prompt, str):
+        check_prompt_text(prompt)
+        return list(tokenizer.encode(prompt))
+    if isinstance(prompt, mx.array):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise BadArgumentType(
+            "prompt", f"must be a str or a list of token ids, got {type(prompt).__name__}"
+        )
+    if not prompt:
+        raise BadArgument("prompt", "is empty")
+    vocab = model.config.vocab_size
+    for token in prompt:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise BadArgumentType("prompt", f"token ids must be ints, got {token!r}")
+        if not 0 <= token < vocab:
+            raise BadArgument(
+                "prompt", f"token id {token} is outside the vocabulary (0..{vocab - 1})"
+            )
+    return list(prompt)
 
 
 def generation_defaults(model_dir: Path | None) -> dict:
@@ -85,8 +144,10 @@ def generation_defaults(model_dir: Path | None) -> dict:
 
 def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
     """Estimated KV bytes per token of context (global layers; sliding layers are bounded)."""
+    from gemma4_mlx.cache import cache_layers, model_dtype
+
     config = model.config
-    dtype_bytes = model.model.embed_tokens.weight.dtype.size if hasattr(model, "model") else 2
+    dtype_bytes = getattr(mx, model_dtype(model)).size
     total = 0.0
     for spec in cache_layers(config):
         if spec.is_sliding:
@@ -117,14 +178,15 @@ def memory_warning(model_dir: Path, model: Any, policy: KVPolicy, context: int) 
     return None
 
 
-def _check_context(model: Any, n_prompt: int, max_tokens: int) -> None:
+def check_context(model: Any, n_prompt: int, max_tokens: int) -> None:
     limit = model.config.max_position_embeddings
     if n_prompt == 0:
-        raise UserError("the prompt is empty")
+        raise BadArgument("prompt", "is empty")
     if n_prompt + max_tokens > limit:
-        raise UserError(
-            f"prompt ({n_prompt} tokens) + --max-tokens ({max_tokens}) exceeds the model's "
-            f"context of {limit} tokens"
+        raise BadArgument(
+            "max_tokens",
+            f"({max_tokens}) + the prompt ({n_prompt} tokens) exceeds the model's context of "
+            f"{limit} tokens",
         )
 
 
@@ -135,16 +197,24 @@ def stream_generate(
     max_tokens: int = 256,
     sampling: SamplingOptions | None = None,
     prompt_cache: list[Any] | None = None,
-    kv_policy: KVPolicy | None = None,
+    kv_policy: KVPolicy | str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[Any]:
-    """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects."""
+    """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
+
+    ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
+    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is)."""
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from gemma4_mlx.cache import as_policy
+
+    kv_policy = as_policy(kv_policy)
     sampling = sampling or SamplingOptions()
     sampling.validate()
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    _check_context(model, len(tokens), max_tokens)
+    check_max_tokens(max_tokens)
+    tokens = prompt_ids(model, tokenizer, prompt)
+    check_context(model, len(tokens), max_tokens)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
@@ -160,17 +230,33 @@ def stream_generate(
     )
 
 
+def describe_used(model: Any, policy: KVPolicy, n_tokens: int) -> str:
+    """The policy in words as this run used it: the exact cache's dtype named, and a
+    TurboQuant run whose tokens all fit in its exact sink and window said to compress none."""
+    from gemma4_mlx.cache import model_dtype
+
+    text = policy.describe(model_dtype(model))
+    if policy.kind == "turboquant" and n_tokens <= policy.exact_tokens():
+        text += (
+            f" (nothing compressed: all {n_tokens} tokens fit in the exact sink and window, "
+            f"{policy.exact_tokens()} tokens)"
+        )
+    return text
+
+
 def _finish(
     pieces: list[str],
     responses: list[Any],
     n_prompt: int,
     n_prefilled: int,
+    model: Any,
     policy: KVPolicy,
     cache: list[Any],
 ) -> GenerationResult:
     raw = "".join(pieces)
     parsed: ParsedOutput = parse_output(raw)
     last = responses[-1]
+    n_tokens = n_prompt + len(responses)
     return GenerationResult(
         text=parsed.text,
         thinking=parsed.thinking,
@@ -183,8 +269,9 @@ def _finish(
         generation_tps=float(last.generation_tps),
         peak_memory_gb=float(last.peak_memory),
         finish_reason=last.finish_reason,
-        kv_cache=policy.describe(),
+        kv_cache=describe_used(model, policy, n_tokens),
         kv_cache_bytes=int(sum(getattr(c, "nbytes", 0) for c in cache)),
+        kv_policy=str(policy),
     )
 
 
@@ -194,10 +281,11 @@ def generate(
     prompt: str | list[int],
     max_tokens: int = 256,
     sampling: SamplingOptions | None = None,
-    kv_policy: KVPolicy | None = None,
+    kv_policy: KVPolicy | str | None = None,
     prompt_cache_file: str | Path | None = None,
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
     images: list[Any] | None = None,
     image_tokens: int = 280,
     videos: list[Any] | None = None,
@@ -205,32 +293,44 @@ def generate(
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
-    With ``prompt_cache_file``: if the file exists and its saved tokens are a prefix of this
-    prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
+    ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
+    policy. With ``prompt_cache_file`` (gemma4_mlx.prompt_files): if the file holds a cache of
+    this model, built with this policy, for a prefix of this prompt, only the rest is
+    prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
+    the requested policy and its cache saved to the file. The result reports the policy used.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
     each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
     ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones;
     ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill ``<|audio|>`` ones, one each (a
     str prompt without any gets them in front).
     """
-    policy = kv_policy or KVPolicy()
+    from gemma4_mlx.cache import as_policy, bound_policy
+    from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
+
+    policy = as_policy(kv_policy) or bound_policy(model)
+    check_max_tokens(max_tokens)
+    (sampling or SamplingOptions()).validate()
     if images or videos or audio:
         return _generate_with_media(
             model, tokenizer, prompt, (images or [], image_tokens, videos or []), audio or [],
             max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
         )  # fmt: skip
-    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    tokens = prompt_ids(model, tokenizer, prompt)
+    check_context(model, len(tokens), max_tokens)
+    note = on_note or (lambda text: print(f"note: {text}", file=sys.stderr))
     cache, reused = None, 0
-    if prompt_cache_file is not None and Path(prompt_cache_file).is_file():
-        cache, reused = _load_prefix(Path(prompt_cache_file), tokens)
+    if prompt_cache_file is not None and Path(prompt_cache_file).exists():
+        cache, reused, why = load_prompt_file(prompt_cache_file, model, policy, tokens)
+        if why:
+            note(why)
     if cache is None:
         cache = model.make_cache(policy)
     remaining = tokens[reused:]
     if prompt_cache_file is not None and reused == 0:
         # Prefill the prompt once, save it, then generate from the saved state.
-        _check_context(model, len(tokens), max_tokens)
         _prefill(model, cache, tokens[:-1])
-        _save_prefix(Path(prompt_cache_file), cache, tokens[:-1])
+        if len(tokens) > 1:
+            save_prompt_file(prompt_cache_file, cache, tokens[:-1], model, policy)
         remaining = tokens[-1:]
     return _generate_from(
         model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
@@ -253,7 +353,7 @@ def _generate_from(
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    return _finish(pieces, responses, len(tokens), prefilled, policy, cache)
+    return _finish(pieces, responses, len(tokens), prefilled, model, policy, cache)
 
 
 def _generate_with_media(
@@ -273,7 +373,7 @@ def _generate_with_media(
     if audio:
         tokens, media, audio_counts = audio_prompt(model, tokenizer, prompt, audio)
     else:
-        tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        tokens = prompt_ids(model, tokenizer, prompt)
     report: dict[str, Any] = {"image_tokens": [], "video_frames": []}
     if images or videos:  # after the audio expansion: the token types cover the final ids
         tokens, vision_media, report = prepare_media(
@@ -281,7 +381,7 @@ def _generate_with_media(
         )
         vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
         media.update(vision_media)
-    _check_context(model, len(tokens), max_tokens)
+    check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
     model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
     mx.eval([c.state for c in cache])
@@ -338,32 +438,6 @@ def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -
         mx.eval([c.state for c in cache])
 
 
-def _save_prefix(path: Path, cache: list[Any], tokens: list[int]) -> None:
-    from turboquant.cache import save_prompt_cache
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial.safetensors")
-    save_prompt_cache(str(tmp), cache, {"tokens": json.dumps(tokens)})
-    os.replace(tmp, path)
-
-
-def _load_prefix(path: Path, tokens: list[int]) -> tuple[list[Any] | None, int]:
-    from turboquant.cache import load_prompt_cache
-
-    try:
-        cache, meta = load_prompt_cache(str(path), return_metadata=True)
-        saved = json.loads(meta["tokens"])
-    except Exception as e:
-        raise UserError(f"{path}: not a prompt cache written by gemma4-mlx ({e})") from None
-    if len(saved) >= len(tokens) or tokens[: len(saved)] != saved:
-        print(
-            f"note: {path} does not hold a prefix of this prompt; prefilling from scratch",
-            file=sys.stderr,
-        )
-        return None, 0
-    return cache, len(saved)
-
-
 @dataclass
 class Chat:
     """A multi-turn conversation that keeps the KV cache between turns.
@@ -376,13 +450,25 @@ class Chat:
     tokenizer: Any
     system: str | None = None
     thinking: bool = False
-    kv_policy: KVPolicy | None = None
+    kv_policy: KVPolicy | str | None = None  # None: the model's bound policy
     sampling: SamplingOptions | None = None
     messages: list[dict] = field(default_factory=list)
     cache: list[Any] | None = None
     cached_tokens: list[int] = field(default_factory=list)
     last_prefilled: int = 0
+    # None: the tokenizer's own template; a tokenizer without one chats by raw continuation
+    # (each message continues the text), the rule of gemma4_mlx.tokenizer.
+    chat_template: str | None = None
     audio: list[Any] = field(default_factory=list)  # every turn's audio inputs, in order
+
+    def __post_init__(self) -> None:
+        from gemma4_mlx.cache import as_policy, bound_policy
+        from gemma4_mlx.tokenizer import prompt_template
+
+        self.template = prompt_template(
+            self.tokenizer, self.chat_template, system=self.system, thinking=self.thinking
+        )
+        self.kv_policy = as_policy(self.kv_policy) or bound_policy(self.model)
 
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
@@ -395,16 +481,24 @@ class Chat:
         the answer can never force a re-prefill."""
         from gemma4_mlx.tokenizer import conversation_tokens, encode_rendered, render_chat
 
+        template, thinking = self.template, self.thinking
+        if template is None:  # raw continuation: each message is a new line of the text
+            if self.cache is None or not self.cached_tokens:
+                text = "".join(
+                    ("\n" if i and m["role"] == "user" else "") + m["content"]
+                    for i, m in enumerate(messages)
+                )
+                return list(self.tokenizer.encode(text)), 0
+            new = encode_rendered(self.tokenizer, "\n" + messages[-1]["content"])
+            return self.cached_tokens + new, len(self.cached_tokens)
         if self.cache is None or not self.messages or self.messages[-1]["role"] != "assistant":
-            return conversation_tokens(self.tokenizer, messages, thinking=self.thinking), 0
-        history = render_chat(
-            self.tokenizer, self.messages, self.thinking, add_generation_prompt=False
-        )
-        full = render_chat(self.tokenizer, messages, self.thinking, add_generation_prompt=True)
+            return conversation_tokens(self.tokenizer, messages, thinking, None, template), 0
+        history = render_chat(self.tokenizer, self.messages, thinking, False, None, template)
+        full = render_chat(self.tokenizer, messages, thinking, True, None, template)
         answer = self.messages[-1]["content"]
         end = history.rfind(answer) + len(answer) if answer else -1
         if not full.startswith(history) or end < len(answer):
-            return conversation_tokens(self.tokenizer, messages, thinking=self.thinking), 0
+            return conversation_tokens(self.tokenizer, messages, thinking, None, template), 0
         tail = history[end:]  # e.g. "<turn|>\n": the template's end of the model's turn
         stop = self.cached_tokens[-1]
         if stop in getattr(self.tokenizer, "eos_token_ids", ()):
@@ -427,8 +521,11 @@ class Chat:
         of this turn, as the chat template places them. Earlier turns' images stay in the KV
         cache as their soft tokens (a turn that forces a re-prefill raises); earlier turns' audio
         is re-read when the conversation must be prefilled again."""
+        if not isinstance(text, str):
+            raise BadArgumentType("text", f"must be a str, got {type(text).__name__}")
         if not text.strip():
-            raise UserError("the message is empty")
+            raise BadArgument("text", "is empty")
+        check_max_tokens(max_tokens)
         audio = list(audio or [])
         messages = list(self.messages)
         if self.system and not messages:
@@ -456,39 +553,44 @@ class Chat:
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
-        if turn_audio or images:
-            media: dict[str, Any] = {}
-            if turn_audio:
-                new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
-            if images:
-                from gemma4_mlx.media import prepare_media
+        media: dict[str, Any] = {}
+        if turn_audio:
+            new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+        if images:
+            from gemma4_mlx.media import prepare_media
 
-                new, vision_media, _ = prepare_media(
-                    self.model, self.tokenizer, new, images, image_tokens
-                )
-                vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
-                media.update(vision_media)
-            tokens = tokens[:common] + new
-            _check_context(self.model, len(tokens), max_tokens)
-            self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
-            mx.eval([c.state for c in self.cache])
-        pieces, responses = [], []
-        for r in stream_generate(
-            self.model,
-            self.tokenizer,
-            new[-1:] if turn_audio or images else new,
-            max_tokens,
-            self.sampling,
-            self.cache,
-            self.kv_policy,
-        ):
-            pieces.append(r.text)
-            responses.append(r)
-            if on_text is not None and r.text:
-                on_text(r.text)
+            new, vision_media, _ = prepare_media(
+                self.model, self.tokenizer, new, images, image_tokens
+            )
+            vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
+            media.update(vision_media)
+        tokens = tokens[:common] + new
+        check_context(self.model, len(tokens), max_tokens)
         prefilled = len(tokens) - common
+        pieces, responses = [], []
+        try:
+            if media:  # soft tokens are written at their placeholders: one call for the turn
+                self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
+                mx.eval([c.state for c in self.cache])
+                new = new[-1:]
+            for r in stream_generate(
+                self.model,
+                self.tokenizer,
+                new,
+                max_tokens,
+                self.sampling,
+                self.cache,
+                self.kv_policy,
+            ):
+                pieces.append(r.text)
+                responses.append(r)
+                if on_text is not None and r.text:
+                    on_text(r.text)
+        except BaseException:  # an error or Ctrl-C mid-turn: the next turn re-prefills
+            self.cache, self.cached_tokens = None, []
+            raise
         result = _finish(
-            pieces, responses, len(tokens), prefilled, self.kv_policy or KVPolicy(), self.cache
+            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache
         )
         self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
@@ -501,4 +603,8 @@ class Chat:
         return result
 
     def save(self, path: str | Path) -> None:
-        _save_prefix(Path(path), self.cache or [], self.cached_tokens)
+        """Save the conversation's KV cache (gemma4_mlx.prompt_files); UserError if there is
+        nothing to save yet or the path cannot be written (the conversation goes on)."""
+        from gemma4_mlx.prompt_files import save_prompt_file
+
+        save_prompt_file(path, self.cache or [], self.cached_tokens, self.model, self.kv_policy)

@@ -1,8 +1,11 @@
 """Chat prompts, thinking/answer separation and tool-call parsing for Gemma 4 (and Gemma 3).
 
-The tokenizer's own chat template is used when it has one. Checkpoints without one (the GGUF demo
-model, tiny test tokenizers) get the Gemma turn format that matches their vocabulary:
-Gemma 4 ``<|turn>role\\n...<turn|>`` or Gemma 3 ``<start_of_turn>role\\n...<end_of_turn>``.
+One rule decides how a prompt becomes tokens, for the CLI and the Python API alike (mlx-lm's
+rule): a prompt goes through the tokenizer's own chat template when it has one, through
+``chat_template`` when the caller gives one, and is continued as raw text otherwise (a base model
+such as the GGUF demo has no template; we never invent one). ``raw=True`` skips the template.
+Options that only mean something inside a template (a system prompt, thinking) are refused when
+there is none, never ignored.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma4_mlx.errors import UserError
+from gemma4_mlx.errors import BadArgument, UserError
 
+# A minimal Gemma 4 turn template (system turn, thinking switch, user/model turns): the tiny
+# test tokenizers carry it; users can pass an equivalent file with --chat-template.
 GEMMA4_TEMPLATE = (
     "{{ bos_token }}"
     "{% if enable_thinking or (messages and messages[0]['role'] == 'system') %}"
@@ -25,41 +30,47 @@ GEMMA4_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
 )
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}{% if m['role'] != 'system' %}"
-    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
-    "{% if loop.index == 2 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
-    "{{ m['content'] + '<end_of_turn>\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
 
 THOUGHT = re.compile(r"<\|channel\>thought\n?(.*?)(?:<channel\|>|$)", re.S)
 TOOL_CALL = re.compile(r"<\|tool_call\>call:([\w.\-]+)(\{.*?\})<tool_call\|>", re.S)
 MARKERS = re.compile(
     r"<\|turn\>|<turn\|>|<end_of_turn>|<start_of_turn>|<eos>|<\|tool_response\>|<tool_response\|>"
 )
+NO_TEMPLATE_NOTE = (
+    "note: the tokenizer has no chat template (a base model): continuing the prompt as raw text "
+    "(--chat-template FILE to use one)"
+)
 
 
-def _vocab(tokenizer: Any) -> dict:
+def own_template(tokenizer: Any) -> str | None:
+    """The tokenizer's own chat template, or None (base models)."""
     tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    try:
-        return tok.get_vocab()
-    except Exception:
-        return {}
+    template = getattr(tok, "chat_template", None)
+    return template if isinstance(template, str) and template.strip() else None
 
 
-def chat_template(tokenizer: Any) -> str:
-    tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    if getattr(tok, "chat_template", None):
-        return tok.chat_template
-    vocab = _vocab(tokenizer)
-    if "<|turn>" in vocab:
-        return GEMMA4_TEMPLATE
-    if "<start_of_turn>" in vocab:
-        return GEMMA3_TEMPLATE
-    raise UserError("the tokenizer has no chat template and no Gemma turn markers: use --raw")
+def prompt_template(
+    tokenizer: Any,
+    chat_template: str | None = None,
+    raw: bool = False,
+    system: str | None = None,
+    thinking: bool = False,
+) -> str | None:
+    """The template a prompt goes through (None: raw continuation), by the module's rule.
+
+    Refuses ``system``/``thinking`` where they would be silently dropped."""
+    template = None if raw else (chat_template or own_template(tokenizer))
+    why = "the prompt is fed raw" if raw else "the tokenizer has none (a base model?)"
+    if template is None and system:
+        raise BadArgument("system", f"needs a chat template: {why}; pass chat_template")
+    if thinking:
+        if template is None:
+            raise BadArgument("thinking", f"needs a chat template: {why}")
+        if "enable_thinking" not in template:
+            raise BadArgument(
+                "thinking", "is not available: this model's chat template has no thinking mode"
+            )
+    return template
 
 
 def build_prompt(
@@ -70,16 +81,18 @@ def build_prompt(
     raw: bool = False,
     history: list[dict] | None = None,
     tools: list[dict] | None = None,
+    chat_template: str | None = None,
 ) -> list[int]:
-    """Token ids for one turn (or a whole conversation with ``history``)."""
-    if raw:
+    """Token ids for one turn (or a whole conversation with ``history``), by the module's rule."""
+    template = prompt_template(tokenizer, chat_template, raw, system, thinking)
+    if template is None:
         return list(tokenizer.encode(prompt))
     messages = list(history or [])
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     if prompt:
         messages.append({"role": "user", "content": prompt})
-    return conversation_tokens(tokenizer, messages, thinking=thinking, tools=tools)
+    return conversation_tokens(tokenizer, messages, thinking, tools, template)
 
 
 def render_chat(
@@ -88,7 +101,12 @@ def render_chat(
     thinking: bool = False,
     add_generation_prompt: bool = True,
     tools: list[dict] | None = None,
+    template: str | None = None,
 ) -> str:
+    """The conversation as text through ``template`` (default: the tokenizer's own)."""
+    template = template or own_template(tokenizer)
+    if template is None:
+        raise BadArgument("chat_template", "is needed: the tokenizer has none (a base model?)")
     tok = getattr(tokenizer, "_tokenizer", tokenizer)
     kwargs = {
         "add_generation_prompt": add_generation_prompt,
@@ -98,10 +116,8 @@ def render_chat(
     if tools:
         kwargs["tools"] = tools
     try:
-        return tok.apply_chat_template(messages, chat_template=chat_template(tokenizer), **kwargs)
-    except UserError:
-        raise
-    except Exception as e:
+        return tok.apply_chat_template(messages, chat_template=template, **kwargs)
+    except Exception as e:  # jinja syntax or runtime errors in a template file
         raise UserError(f"cannot apply the chat template ({type(e).__name__}: {e})") from None
 
 
@@ -112,9 +128,14 @@ def encode_rendered(tokenizer: Any, text: str) -> list[int]:
 
 
 def conversation_tokens(
-    tokenizer: Any, messages: list[dict], thinking: bool = False, tools: list[dict] | None = None
+    tokenizer: Any,
+    messages: list[dict],
+    thinking: bool = False,
+    tools: list[dict] | None = None,
+    template: str | None = None,
 ) -> list[int]:
-    return encode_rendered(tokenizer, render_chat(tokenizer, messages, thinking, True, tools))
+    text = render_chat(tokenizer, messages, thinking, True, tools, template)
+    return encode_rendered(tokenizer, text)
 
 
 @dataclass

@@ -14,7 +14,8 @@ def run_cli(args, capsys, stdin=None, monkeypatch=None):
     if stdin is not None:
         import io
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        data = stdin if isinstance(stdin, bytes) else stdin.encode()
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     with pytest.raises(SystemExit) as exit_info:
         main(args)
         raise SystemExit(0)
@@ -73,18 +74,8 @@ def test_turboquant_kv_options_run(tiny_chat_model, capsys):
             "hello",
             "--max-tokens",
             "8",
-            "--kv-cache",
-            "turboquant",
-            "--kv-bits",
-            "3.5",
-            "--kv-window",
-            "0",
-            "--kv-center",
-            "2",
-            "--kv-center-block",
-            "4",
-            "--kv-key-tiers",
-            "2",
+            "--kv",
+            "turboquant:3.5,window=0,center=2,block=4,tiers=2",
             "--json",
         ],
         capsys,
@@ -125,10 +116,10 @@ def test_prompt_from_stdin_and_prompt_cache_file(tiny_chat_model, capsys, monkey
     [
         (["-p", ""], "the prompt is empty"),
         (["-p", "hi", "--temp", "-1"], "--temp must be >= 0"),
-        (["-p", "hi", "--kv-cache", "turboquant", "--kv-bits", "9"], "--kv-bits must be in 1..8"),
+        (["-p", "hi", "--kv-cache", "turboquant", "--kv-bits", "9"], "--kv-bits must be 1..8"),
         (["-p", "hi", "--max-tokens", "0"], "--max-tokens must be >= 1"),
-        (["-p", "hi", "--kv-center", "64", "--kv-center-block", "32"], "must be <= --kv-center-block"),
-        (["-p", "hi", "--kv-key-tiers", "7"], "--kv-key-tiers must be 0 (off) or 2..5"),
+        (["-p", "hi", "--kv", "turboquant:center=64,block=32"], "--kv center: (64) must be <="),
+        (["-p", "hi", "--kv", "turboquant:tiers=7"], "--kv tiers: must be 0 (off) or 2..5"),
         (["-p", "hi", "--max-tokens", "5000"], "exceeds the model's context of 1024 tokens"),
         (["-p", "hi", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
     ],

@@ -6,7 +6,6 @@ import pytest
 import tiny
 
 from gemma4_mlx.cache import KVPolicy
-from gemma4_mlx.errors import UserError
 from gemma4_mlx.loading import load_model
 from turboquant import attention as tq_attention
 from turboquant.cache import (
@@ -73,8 +72,16 @@ def _reference(cache, keys, values, q, scale, window=None):
 @pytest.mark.parametrize("n_q_heads, n_kv_heads", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize(
     "fp_window, sink, center, center_block",
-    [(0, 0, 0, 0), (5, 0, 0, 0), (0, 2, 0, 0), (3, 4, 0, 0), (0, 0, 6, 0), (3, 2, 10, 0),
-     (0, 0, 3, 5), (3, 2, 4, 7)],
+    [
+        (0, 0, 0, 0),
+        (5, 0, 0, 0),
+        (0, 2, 0, 0),
+        (3, 4, 0, 0),
+        (0, 0, 6, 0),
+        (3, 2, 10, 0),
+        (0, 0, 3, 5),
+        (3, 2, 4, 7),
+    ],
 )
 @pytest.mark.parametrize("codec", ["mse", "prod"])
 def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
@@ -90,8 +97,9 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
     "fp_window, sink, center, center_block", [(0, 0, 6, 0), (3, 2, 10, 0), (3, 2, 4, 7)]
 )
 @pytest.mark.parametrize("key_tiers", [2, 3])
-def test_attention_with_key_tiers(n_q_heads, n_kv_heads, fp_window, sink, center, center_block,
-                                  key_tiers):
+def test_attention_with_key_tiers(
+    n_q_heads, n_kv_heads, fp_window, sink, center, center_block, key_tiers
+):
     """Key tiers: queries and the key means follow each head's channel order, so attention
     equals the reference that codes every head's reordered keys with the tiered spec."""
     cache = _check_attention(
@@ -100,8 +108,9 @@ def test_attention_with_key_tiers(n_q_heads, n_kv_heads, fp_window, sink, center
     assert len(cache.key_spec.tiers) == key_tiers and cache.key_order.shape == (n_kv_heads, 64)
 
 
-def _check_attention(n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec,
-                     key_tiers=0):
+def _check_attention(
+    n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec, key_tiers=0
+):
     rng = np.random.default_rng(0)
     D = 64
     cache = TurboQuantKVCache(
@@ -146,8 +155,13 @@ def test_chunked_prefill_equals_token_by_token(center_block, key_tiers):
     outs = []
     for chunks in ([T], [1] * T, [7, 13, 1, 19]):
         cache = TurboQuantKVCache(
-            CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2, center=9,
-            center_block=center_block, key_tiers=key_tiers,
+            CodecSpec(D, 5),
+            CodecSpec(D, 2),
+            fp_window=6,
+            sink=2,
+            center=9,
+            center_block=center_block,
+            key_tiers=key_tiers,
         )
         parts, pos = [], 0
         for n in chunks:
@@ -175,7 +189,9 @@ def test_block_means_are_each_previous_blocks_mean():
             CodecSpec(D, 3), CodecSpec(D, 3), sink=sink, center=center, center_block=b
         )
         for start in range(0, T, 37):  # chunks that straddle block boundaries
-            view, _ = cache.update_and_fetch(k[:, :, start : start + 37], v[:, :, start : start + 37])
+            view, _ = cache.update_and_fetch(
+                k[:, :, start : start + 37], v[:, :, start : start + 37]
+            )
         errors[b] = float(mx.abs(view.attend(q, scale=D**-0.5) - exact).max())
     n_blocks = (T - sink) // block + 1  # every started block, the next one once b - 1 is complete
     assert cache.key_mean.shape == (1, 2, n_blocks, D)
@@ -197,7 +213,12 @@ def test_block_means_survive_save_load_and_trim(tmp_path, key_tiers):
     rng = np.random.default_rng(13)
     D = 64
     make = lambda: TurboQuantKVCache(  # noqa: E731
-        CodecSpec(D, 4), CodecSpec(D, 3), fp_window=3, sink=2, center=4, center_block=16,
+        CodecSpec(D, 4),
+        CodecSpec(D, 3),
+        fp_window=3,
+        sink=2,
+        center=4,
+        center_block=16,
         key_tiers=key_tiers,
     )
     k, v = _rand(rng, 1, 2, 80, D) + 1, _rand(rng, 1, 2, 80, D)
@@ -393,35 +414,3 @@ def test_kv_shared_consumers_read_the_producers_compressed_cache(tiny_checkpoint
     assert cache[4].center_block == 0  # centring off: the default's block size is moot
     model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
     assert cache[4].offset == 5
-
-
-def test_policy_errors_are_clear():
-    with pytest.raises(UserError, match="--kv-bits must be in 1..8, got 9"):
-        KVPolicy("turboquant", bits=9)
-    with pytest.raises(UserError, match="--value-bits must be in 1..8"):
-        KVPolicy("turboquant", key_bits=8, value_bits=0.5)
-    with pytest.raises(UserError, match="--kv-cache must be one of"):
-        KVPolicy("int4")
-    with pytest.raises(UserError, match="--kv-window must be >= 0"):
-        KVPolicy("turboquant", fp_window=-1)
-    with pytest.raises(UserError, match="--kv-center must be >= 0"):
-        KVPolicy("turboquant", center=-1)
-    with pytest.raises(UserError, match="--kv-center-block must be >= 0"):
-        KVPolicy("turboquant", center_block=-1)
-    with pytest.raises(UserError, match=r"--kv-center \(600\) must be <= --kv-center-block \(512"):
-        KVPolicy("turboquant", center=600)
-    with pytest.raises(UserError, match="--kv-key-tiers must be 0 \\(off\\) or 2..5, got 1"):
-        KVPolicy("turboquant", key_tiers=1)
-    with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
-        KVPolicy("turboquant", key_tiers=4, center=0)
-    with pytest.raises(UserError, match="--kv-key-tiers needs centring"):
-        KVPolicy("turboquant", key_tiers=4, codec="prod")
-    assert KVPolicy("turboquant").resolved_bits() == (3, 2)  # the default
-    assert KVPolicy("turboquant").tiers_for(256) == 4  # default tiers, fewer where they don't fit
-    assert KVPolicy("turboquant").tiers_for(16) == 3 and KVPolicy("turboquant").tiers_for(6) == 0
-    assert KVPolicy("turboquant", center=0).tiers_for(256) == 0  # tiers ride on the centring
-    assert KVPolicy("turboquant", codec="prod").tiers_for(256) == 0
-    with pytest.raises(UserError, match="--kv-key-tiers 4 needs a head dim divisible by 16"):
-        KVPolicy("turboquant", key_tiers=4).tiers_for(24)
-    assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
-    assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)

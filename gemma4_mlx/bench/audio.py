@@ -25,6 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser
 from gemma4_mlx.bench.common import write_json
 from gemma4_mlx.media.audio import SAMPLE_RATE, prepare_audio
 from gemma4_mlx.models.audio import AudioConfig, AudioModel, audio_soft_tokens
@@ -94,9 +95,9 @@ def measure(seconds: float, dtype_name: str, runs: int) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seconds", default="10,30", help="audio durations, comma-separated")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,31 +103,11 @@ def default_policy() -> KVPolicy:
 
 
 def setting_name(policy: KVPolicy) -> str:
-    """A result name that says what a setting is: ``affine4``, or for TurboQuant the average code
-    bits, codec, K/V split, first (s) and recent (w) tokens read exact and the tokens whose mean
-    centres the codes (c), e.g. ``tq3 K4/V2 s4 w32 c128 (default)``. ``fp16`` policies are the
-    exact cache in the model's dtype, named ``fp32`` (the benchmarks run float32)."""
-    if policy.kind == "fp16":
-        return "fp32"
-    key_bits, value_bits = policy.resolved_bits()
-    if policy.kind == "affine":
-        return f"affine{key_bits:g}"
-    codec = " prod" if policy.codec == "prod" else ""
-    name = (
-        f"tq{(key_bits + value_bits) / 2:g}{codec} K{key_bits:g}/V{value_bits:g} "
-        f"s{policy.sink} w{policy.fp_window} c{policy.center}"
-        + (f"/{policy.center_block}" if policy.center_block else "")
-        + (f" t{policy.nominal_tiers}" if policy.nominal_tiers else "")
-    )
-    return name + (" (default)" if _resolved(policy) == _resolved(default_policy()) else "")
-
-
-def _resolved(policy: KVPolicy) -> KVPolicy:
-    """The policy with its bits spelled out, so equal settings compare equal."""
-    key_bits, value_bits = policy.resolved_bits()
-    return replace(
-        policy, bits=None, key_bits=key_bits, value_bits=value_bits, key_tiers=policy.nominal_tiers
-    )
+    """A result name that says what a setting is: the policy's text form (``str(policy)``,
+    which ``KVPolicy.parse`` reads back), e.g. ``affine:4`` or
+    ``turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,exact=bfloat16``.
+    The exact cache is named ``fp32``: the benchmarks run float32."""
+    return "fp32" if policy.kind == "exact" else str(policy)
 
 
 def named(*policies) -> dict:

@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser
 from turboquant.codebook import GAUSSIAN_MSE
 from turboquant.codec import CodecSpec, bits_per_channel, decode, encode
 
@@ -61,9 +62,9 @@ def measure(spec: CodecSpec, x: np.ndarray, q: np.ndarray) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="1,000 vectors, d=256 only")
     ap.add_argument("--n", type=int, default=10_000)

@@ -33,6 +33,7 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser
 from gemma4_mlx.cache import DEFAULT_BITS, KVPolicy
 from turboquant.cache import TurboQuantKVCache
 from turboquant.codec import CodecSpec
@@ -270,9 +271,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)

@@ -46,6 +46,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser, fractions, positive_ints
 from gemma4_mlx.bench.common import choose, corpus_text, default_policy, tq_policy, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
@@ -171,15 +172,15 @@ def run_seed(model, tokenizer, policy: KVPolicy, prompts: Prompts, length: int, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="1K tokens, 2 depths, 1 seed (CI)")
     ap.add_argument("--long", action="store_true", help="add 32K tokens")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--lengths", default=",".join(str(n) for n in LENGTHS))
-    ap.add_argument("--depths", default=",".join(f"{d:g}" for d in DEPTHS))
+    ap.add_argument("--lengths", type=positive_ints, default=",".join(str(n) for n in LENGTHS))
+    ap.add_argument("--depths", type=fractions, default=",".join(f"{d:g}" for d in DEPTHS))
     ap.add_argument("--seeds", type=int, default=None, help="seeds per length (default: SEEDS)")
     ap.add_argument(
         "--settings",
@@ -188,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    lengths = [1024] if args.quick else sorted(int(x) for x in args.lengths.split(","))
+    lengths = [1024] if args.quick else sorted(args.lengths)
     if args.long and 32768 not in lengths:
         lengths.append(32768)
-    depths = (0.0, 1.0) if args.quick else tuple(float(x) for x in args.depths.split(","))
+    depths = (0.0, 1.0) if args.quick else tuple(args.depths)
     seeds = {n: 1 if args.quick else (args.seeds or SEEDS.get(n, 1)) for n in lengths}
     policies = settings("default" if args.quick else args.settings)
     name = "needle_quick" if args.quick else "needle"

@@ -30,6 +30,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser, positive_ints
 from gemma4_mlx.bench.common import (
     accumulate,
     corpus_text,
@@ -78,13 +79,13 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--lengths", default="1024,4096")
+    ap.add_argument("--lengths", type=positive_ints, default="1024,4096")
     ap.add_argument(
         "--long",
         action="store_true",
@@ -92,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    lengths = [512] if args.quick else [int(x) for x in args.lengths.split(",")]
+    lengths = [512] if args.quick else args.lengths
+    if any(n % CHUNK for n in lengths):
+        ap.error(
+            f"argument --lengths: expected multiples of {CHUNK} (the chunk size), got {lengths}"
+        )
     if args.long:
         lengths = [1024, 4096, 16384]
     model, tokenizer = load(args.model, dtype="float32")
@@ -159,14 +164,14 @@ def write(args, results: dict, lengths: list[int], policies: dict, seconds: floa
 
 def _method(name: str) -> tuple[str, str]:
     """(method, point label) of a result name: settings that differ only in their bits are one
-    method (one line in the plot), e.g. ``tq mse s4 w32 c128`` with points ``K4/V2``, ``K5/V3``."""
-    if name.startswith("affine"):
-        return "mlx-lm affine", name.removeprefix("affine") + "-bit"
-    words = name.replace(" (default)", "").split()
-    codec = "prod" if "prod" in words else "mse"
-    split = next(w for w in words if w.startswith("K"))
-    rest = [w for w in words if w[0] in "swc" and w[1:].replace("/", "").isdigit()]
-    return f"tq {codec} {' '.join(rest)}", split + (" (default)" if "default" in name else "")
+    method (one line in the plot), e.g. ``tq tiers=4,sink=4,...`` with points ``K4/V2``,
+    ``K5/V3``; the default's point is marked."""
+    policy = KVPolicy.parse(name)
+    if policy.kind == "affine":
+        return "mlx-lm affine", f"{policy.key_bits:g}-bit"
+    rest = str(policy).split(",", 2)[2]  # everything after k and v
+    label = f"K{policy.key_bits:g}/V{policy.value_bits:g}"
+    return f"tq {rest}", label + (" (default)" if name == setting_name(default_policy()) else "")
 
 
 def plot(results: dict, lengths: list[int], path: Path) -> None:
@@ -187,7 +192,7 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
             )
     for method, points in methods.items():
         points.sort(key=lambda p: p[0])
-        marker = "s" if method.startswith("mlx") else ("^" if "prod" in method else "o")
+        marker = "s" if method.startswith("mlx") else ("^" if "codec=prod" in method else "o")
         for ax, key in zip(axes, ("kl", "top1")):
             ax.plot(
                 [p[0] for p in points], [p[1][key] for p in points], marker=marker, label=method

@@ -37,6 +37,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser, positive_ints
 from gemma4_mlx.bench.common import choose, corpus_text, default_policy, tq_policy, write_json
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
@@ -119,13 +120,13 @@ def others(model, runs: dict, name: str) -> int:
     return sum(_bytes(model, r.cache)[0] for n, r in runs.items() if n != name)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="512 tokens, 3 settings (CI)")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--lengths", default="1024,4096,16384")
+    ap.add_argument("--lengths", type=positive_ints, default="1024,4096,16384")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument(
         "--settings",
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    lengths = [512] if args.quick else sorted(int(x) for x in args.lengths.split(","))
+    lengths = [512] if args.quick else sorted(args.lengths)
     steps = 4 if args.quick else args.decode_steps
     policies = settings("affine4,tq" if args.quick else args.settings)
     name = "speed_quick" if args.quick else "speed"

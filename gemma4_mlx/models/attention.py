@@ -24,7 +24,9 @@ def attend(
 ) -> mx.array:  # (B, n_heads, L, D)
     if hasattr(keys, "attend"):  # a compressed view: never dequantized as a whole
         return keys.attend(queries, scale=scale, mask=mask)
-    if isinstance(keys, tuple):  # mlx-lm affine-quantized keys: (packed, scales, biases)
+    # mlx-lm affine-quantized keys: (packed, scales, biases); a list once mlx-lm's
+    # load_prompt_cache has restored the cache
+    if isinstance(keys, (tuple, list)):
         return quantized_scaled_dot_product_attention(
             queries,
             keys,

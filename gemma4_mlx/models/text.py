@@ -368,9 +368,12 @@ class CausalLM(nn.Module):
         return self.model.layers
 
     def make_cache(self, policy=None):
-        from gemma4_mlx.cache import make_cache
+        """One cache per cache-owning layer, for ``policy`` or, by default, the policy bound to
+        this model (``load(..., kv_policy=...)``; the exact cache if none), so that mlx-lm's
+        ``make_prompt_cache(model)`` builds our caches."""
+        from gemma4_mlx.cache import bound_policy, make_cache
 
-        return make_cache(self.config, policy)
+        return make_cache(self.config, policy if policy is not None else bound_policy(self))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """HF (or mlx-lm) names -> this module tree; drops what the decoder does not use."""

@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
+from gemma4_mlx.bench import BenchParser
 from gemma4_mlx.bench.common import write_json
 from gemma4_mlx.config import parse_config
 from gemma4_mlx.media.image import BUDGETS, check_budget, preprocess_images
@@ -191,9 +192,9 @@ def ttft_row(repeats: int) -> dict:
             "budget": 280, "seconds": seconds, "peak_memory_mib": peak / 2**20}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    ap = BenchParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument(

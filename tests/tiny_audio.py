@@ -40,7 +40,7 @@ def probe_features(seed: int = 0, lengths: tuple[int, ...] = (150, 97)) -> tuple
     return feats * mask[..., None], mask
 
 
-def build_reference(seed: int = 0):
+def build_reference(seed: int = 0, config: dict | None = None):
     import torch
     from transformers.models.gemma4.configuration_gemma4 import (
         Gemma4AudioConfig,
@@ -53,7 +53,7 @@ def build_reference(seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    cfg = Gemma4AudioConfig(**AUDIO_CONFIG)
+    cfg = Gemma4AudioConfig(**(config or AUDIO_CONFIG))
     cfg._attn_implementation = "eager"
     tower = Gemma4AudioModel(cfg).float().eval()
     text_cfg = Gemma4TextConfig(hidden_size=TEXT_HIDDEN, vocab_size=16, num_hidden_layers=1)

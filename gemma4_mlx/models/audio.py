@@ -405,12 +405,19 @@ class AudioModel(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array], prefix: str = "") -> dict[str, mx.array]:
         """PyTorch conv layouts -> MLX: Conv2d (O, I, 3, 3) -> (O, 3, 3, I), depthwise (H, 1, K) ->
-        (H, K, 1). Weights already in MLX layout (our or mlx-lm conversions) pass unchanged."""
+        (H, K, 1). Weights already in MLX layout (our or mlx-lm conversions) pass unchanged.
+        Buffers we recompute (the relative-position timescales, the logit cap) are dropped if a
+        checkpoint carries them; clip bounds stored as (1,) become scalars."""
         out = dict(weights)
         for name, value in weights.items():
             if not name.startswith(prefix):
                 continue
-            if name.endswith(".conv.weight") and value.ndim == 4:
+            if name.endswith(("rel_pos_enc.inv_timescales", "self_attn.softcap")):
+                del out[name]
+            elif name.endswith(("input_min", "input_max", "output_min", "output_max")):
+                if value.size == 1 and value.ndim > 0:
+                    out[name] = value.reshape(())
+            elif name.endswith(".conv.weight") and value.ndim == 4:
                 expected = 1 if ".layer0." in name else self.config.subsampling_conv_channels[0]
                 if value.shape[1] == expected and value.shape[-1] != expected:
                     out[name] = value.transpose(0, 2, 3, 1)

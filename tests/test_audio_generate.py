@@ -216,3 +216,17 @@ def test_cli_video_audio_passes_the_soundtrack(audio_model, tmp_path, capsys):
     assert len(result["audio_tokens"]) == 1 and 20 <= result["audio_tokens"][0] <= 30
     code, _, err = run_cli(["generate", "-m", str(path), "-p", "hi", "--video-audio"], capsys)
     assert code == 2 and "--video-audio needs --video" in err
+
+
+def test_str_prompt_gets_audio_in_front_and_long_audio_two_blocks(audio_model):
+    path, _ = audio_model
+    model, tokenizer = load(path)
+    text_ids = list(tokenizer.encode("hello world"))
+    long = np.concatenate([_clip(30.0, 7), _clip(1.0, 8)])  # 31 s: a 30 s clip and a 1 s clip
+    result = generate(model, tokenizer, "hello world", max_tokens=2, audio=[long])
+    assert result.audio_tokens == [750, 25]
+    assert result.prompt_tokens == len(text_ids) + 750 + 25 + 4  # two <|audio> ... <audio|> blocks
+    placed = generate(
+        model, tokenizer, "hello <|audio|> world", max_tokens=2, audio=[_clip(1.0, 9)]
+    )
+    assert placed.audio_tokens == [25]

@@ -24,9 +24,9 @@ from gemma4_mlx.errors import UserError
 
 # Frames a query attends to: itself and the ones before it, ``0 <= t - s < window`` with
 # ``window = attention_context_left + WINDOW_MINUS_CONTEXT_LEFT``. -1 is transformers 5.24's rule
-# (12 frames for the released attention_context_left=13), our parity target; mlx-vlm (like Gemma
-# 3n's tril mask) lets a query see 13 frames, i.e. 0 here. Which one Google trained is unknown; on
-# random towers the two rules' outputs differ by a few percent.
+# (12 frames for the released attention_context_left=13), our parity target; Gemma 3n's tril mask
+# (and mlx-vlm's tril-based versions) let a query see 13 frames, i.e. 0 here. Which one Google
+# trained is unknown; on random towers the two rules' outputs differ by a few percent.
 WINDOW_MINUS_CONTEXT_LEFT = -1
 
 _ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "relu": nn.relu}

@@ -376,8 +376,8 @@ def generate(
         progress=progress,
         images=image or None,
         image_tokens=image_tokens,
-        videos=videos or None,
         audio=list(audio) if audio else None,
+        videos=videos or None,
     )
     if json_out:
         typer.echo(result.to_json())
@@ -403,10 +403,7 @@ def _progress_bar():
     return show
 
 
-CHAT_COMMANDS = (
-    "/reset, /save [PATH], /image PATH, /audio PATH, /quit "
-    "(start a message with // to send a leading /)"
-)
+CHAT_COMMANDS = "/reset, /save [PATH], /image PATH, /audio PATH, /quit (start a message with // to send a leading /)"
 
 
 @app.command()
@@ -428,8 +425,8 @@ def chat(
     kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /image PATH, /audio PATH (attach
-    to the next message), /reset, /save PATH, /quit.
+    """Multi-turn chat that reuses the KV cache between turns. /image PATH and /audio PATH
+    (E2B/E4B) attach media to the next message; /reset, /save PATH, /quit.
 
     An error in a turn or a command is one line and the conversation goes on; Ctrl-C during an
     answer stops that answer."""
@@ -453,7 +450,7 @@ def chat(
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
-    pending: dict[str, list] = {"images": [], "audio": []}  # media attached to the next message
+    pending: dict[str, list] = {"audio": [], "images": []}  # media for the next message
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -488,15 +485,6 @@ def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) ->
             path = argument.strip() or "chat-cache.safetensors"
             session.save(path)
             _note(f"[saved the conversation's KV cache to {path}]")
-        elif command == "/image":
-            from gemma4_mlx.media.image import open_image
-            from gemma4_mlx.models.multimodal import check_media_supported
-
-            check_media_supported(session.model)
-            path = argument.strip()
-            open_image(path)  # fail now, not after the next message
-            pending["images"].append(path)
-            _note(f"[{path} attached to the next message]")
         elif command == "/audio":
             from gemma4_mlx.models.multimodal import check_audio_supported
 
@@ -506,18 +494,27 @@ def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) ->
                 raise UserError(f"{path}: no such audio file")
             pending["audio"].append(path)
             _note(f"[{path} goes with the next message]")
+        elif command == "/image":
+            from gemma4_mlx.media.image import open_image
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(session.model)
+            path = argument.strip()
+            open_image(path)  # fail now, not after the next message
+            pending["images"].append(path)
+            _note(f"[{path} attached to the next message]")
         else:
             raise UserError(f"unknown command {command}: the commands are {CHAT_COMMANDS}")
         return None
     # Attached media go with this message whatever happens to it (an error drops them).
-    images, pending["images"] = pending["images"], []
     audio, pending["audio"] = pending["audio"], []
+    images, pending["images"] = pending["images"], []
     result = session.send(
         line.removeprefix("/"),
         max_tokens=max_tokens,
         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
-        images=images or None,
         audio=audio or None,
+        images=images or None,
     )
     sys.stdout.write("\n")
     _note(
@@ -581,7 +578,7 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio"
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio | vision"
 
 
 @app.command(

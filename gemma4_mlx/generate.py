@@ -44,8 +44,8 @@ class GenerationResult:
     kv_cache_bytes: int = 0
     kv_policy: str = ""  # the KV policy used, in its text form (KVPolicy.parse reads it)
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
-    video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
     audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
+    video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -288,8 +288,8 @@ def generate(
     on_note: Callable[[str], None] | None = None,
     images: list[Any] | None = None,
     image_tokens: int = 280,
-    videos: list[Any] | None = None,
     audio: list[str | Path | Any] | None = None,
+    videos: list[Any] | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -300,9 +300,9 @@ def generate(
     the requested policy and its cache saved to the file. The result reports the policy used.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
     each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
-    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones;
-    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill ``<|audio|>`` ones, one each (a
-    str prompt without any gets them in front).
+    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
+    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
+    one each; a str prompt without any gets them in front.
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -310,9 +310,9 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
-    if images or videos or audio:
+    if images or audio or videos:
         return _generate_with_media(
-            model, tokenizer, prompt, (images or [], image_tokens, videos or []), audio or [],
+            model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
             max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
         )  # fmt: skip
     tokens = prompt_ids(model, tokenizer, prompt)
@@ -357,8 +357,7 @@ def _generate_from(
 
 
 def _generate_with_media(
-    model, tokenizer, prompt, inputs, audio, max_tokens, sampling, policy, cache_file, on_text,
-    progress,
+    model, tokenizer, prompt, inputs, max_tokens, sampling, policy, cache_file, on_text, progress,
 ) -> GenerationResult:  # fmt: skip
     """The whole prompt but its last token in one call (soft tokens are written at their
     placeholders, and an image block is never cut: the 26B/31B overlay needs every block
@@ -366,8 +365,8 @@ def _generate_with_media(
     from gemma4_mlx.media import prepare_media
 
     if cache_file is not None:
-        raise UserError("--prompt-cache-file cannot be combined with images, videos or audio")
-    images, budget, videos = inputs
+        raise UserError("prompt_cache_file cannot be combined with images, videos or audio")
+    images, budget, videos, audio = inputs
     media: dict[str, Any] = {}
     audio_counts: list[int] = []
     if audio:
@@ -376,11 +375,9 @@ def _generate_with_media(
         tokens = prompt_ids(model, tokenizer, prompt)
     report: dict[str, Any] = {"image_tokens": [], "video_frames": []}
     if images or videos:  # after the audio expansion: the token types cover the final ids
-        tokens, vision_media, report = prepare_media(
-            model, tokenizer, tokens, images, budget, videos
-        )
-        vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
-        media.update(vision_media)
+        tokens, visual, report = prepare_media(model, tokenizer, tokens, images, budget, videos)
+        visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
+        media.update(visual)
     check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
     model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
@@ -389,9 +386,9 @@ def _generate_with_media(
         model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
         progress,
     )  # fmt: skip
+    result.audio_tokens = audio_counts
     result.image_tokens = report["image_tokens"]
     result.video_frames = report["video_frames"]
-    result.audio_tokens = audio_counts
     return result
 
 
@@ -513,29 +510,24 @@ class Chat:
         text: str,
         max_tokens: int = 256,
         on_text: Callable[[str], None] | None = None,
+        audio: list[str | Path | Any] | None = None,
         images: list[Any] | None = None,
         image_tokens: int = 280,
-        audio: list[str | Path | Any] | None = None,
     ) -> GenerationResult:
-        """One turn; ``images`` and then ``audio`` (files or 16 kHz arrays) come before the text
-        of this turn, as the chat template places them. Earlier turns' images stay in the KV
-        cache as their soft tokens (a turn that forces a re-prefill raises); earlier turns' audio
-        is re-read when the conversation must be prefilled again."""
+        """One user turn; ``audio`` (files or 16 kHz arrays) and ``images`` go before the text,
+        as the chat template places media. Earlier turns' images stay in the KV cache as their
+        soft tokens (a turn that forces a re-prefill raises); earlier audio is read again."""
+        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
+
         if not isinstance(text, str):
             raise BadArgumentType("text", f"must be a str, got {type(text).__name__}")
         if not text.strip():
             raise BadArgument("text", "is empty")
-        check_max_tokens(max_tokens)
         audio = list(audio or [])
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
-        if audio:
-            from gemma4_mlx.media.audio import audio_placeholder
-            from gemma4_mlx.models.multimodal import check_audio_supported
-
-            check_audio_supported(self.model)
-            text = audio_placeholder(self.tokenizer, self.model.media_tokens) * len(audio) + text
+        text = AUDIO_PLACEHOLDER * len(audio) + text
         if images:
             from gemma4_mlx.media import with_image_placeholders
             from gemma4_mlx.models.multimodal import check_media_supported
@@ -553,23 +545,22 @@ class Chat:
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
+        check_max_tokens(max_tokens)
         media: dict[str, Any] = {}
         if turn_audio:
             new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
         if images:
             from gemma4_mlx.media import prepare_media
 
-            new, vision_media, _ = prepare_media(
-                self.model, self.tokenizer, new, images, image_tokens
-            )
-            vision_media["mm_token_type_ids"] = vision_media["mm_token_type_ids"][:, :-1]
-            media.update(vision_media)
+            new, visual, _ = prepare_media(self.model, self.tokenizer, new, images, image_tokens)
+            visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
+            media.update(visual)
         tokens = tokens[:common] + new
         check_context(self.model, len(tokens), max_tokens)
         prefilled = len(tokens) - common
         pieces, responses = [], []
         try:
-            if media:  # soft tokens are written at their placeholders: one call for the turn
+            if media:
                 self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
                 mx.eval([c.state for c in self.cache])
                 new = new[-1:]

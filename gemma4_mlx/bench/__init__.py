@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = (
-    "quality", "needle", "speed", "memory", "distortion", "weights", "startup", "vision", "audio",
-)  # fmt: skip
+    "quality",
+    "needle",
+    "speed",
+    "memory",
+    "distortion",
+    "weights",
+    "startup",
+    "audio",
+    "vision",
+)
 DEFAULT_OUT = Path("benchmarks/results")
 
 

@@ -283,6 +283,7 @@ def generate(
     audio: list[Path] | None = typer.Option(
         None,
         "--audio",
+        metavar="PATH",
         help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
         "repeatable. E2B/E4B only.",
     ),

@@ -167,6 +167,8 @@ def test_unreadable_audio_is_one_clear_error(tmp_path):
         media.load_audio(tmp_path / "missing.mp3")
     with pytest.raises(UserError, match="too short"):
         media.prepare_audio([np.zeros(100, dtype=np.float32)])
+    with pytest.raises(UserError, match="float samples"):
+        media.prepare_audio([np.zeros(16000, dtype=np.int16)])
     with pytest.raises(UserError, match="1-D"):
         media.prepare_audio([np.zeros((2, 16000), dtype=np.float32)])
 

@@ -313,6 +313,7 @@ def generate(
     audio: list[Path] | None = typer.Option(
         None,
         "--audio",
+        metavar="PATH",
         help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
         "repeatable. E2B/E4B only.",
     ),
@@ -324,6 +325,12 @@ def generate(
     ),
     video_fps: float | None = typer.Option(
         None, "--video-fps", help="Sample this many frames per second instead of a count."
+    ),
+    video_audio: bool = typer.Option(
+        False,
+        "--video-audio",
+        metavar=FLAG,
+        help="Also pass each --video file's soundtrack as audio (E2B/E4B).",
     ),
 ):
     """Generate text from a prompt, streamed to the terminal.
@@ -348,6 +355,10 @@ def generate(
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     if prompt_cache_file is not None and prompt_cache_file.is_dir():  # before the model loads
         raise UserError(f"--prompt-cache-file {prompt_cache_file} is a directory; give a file")
+    if video_audio:
+        if not video:
+            raise UserError("--video-audio needs --video")
+        audio = list(audio or []) + [Path(v) for v in video]
     for path in audio or []:
         if not path.is_file():  # before the (slow) model load
             raise UserError(f"{path}: no such audio file")

@@ -167,6 +167,8 @@ def test_unreadable_audio_is_one_clear_error(tmp_path):
         media.load_audio(tmp_path / "missing.mp3")
     with pytest.raises(UserError, match="too short"):
         media.prepare_audio([np.zeros(100, dtype=np.float32)])
+    with pytest.raises(UserError, match="float samples"):
+        media.prepare_audio([np.zeros(16000, dtype=np.int16)])
     with pytest.raises(UserError, match="1-D"):
         media.prepare_audio([np.zeros((2, 16000), dtype=np.float32)])
 
@@ -193,26 +195,10 @@ def test_feature_config_is_read_from_processor_config(tmp_path):
 
 
 def test_a_video_files_soundtrack_loads_as_audio(speech, tmp_path):
-    import av
+    from tiny_audio import write_video_with_sound
 
     src = media.load_audio(speech["16k"])[:32000]
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("mpeg4", rate=10)
-        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
-        sound = out.add_stream("aac", rate=16000, layout="mono")
-        for i in range(20):
-            frame = av.VideoFrame.from_ndarray(
-                np.full((32, 32, 3), i * 10, np.uint8), format="rgb24"
-            )
-            for packet in video.encode(frame):
-                out.mux(packet)
-        frame = av.AudioFrame.from_ndarray(src[None], format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in (
-            list(sound.encode(frame)) + list(sound.encode(None)) + list(video.encode(None))
-        ):
-            out.mux(packet)
+    path = write_video_with_sound(tmp_path / "clip.mp4", src)
     got = media.load_audio(path)
     assert abs(len(got) - len(src)) < 0.15 * 16000
     lag = int(np.argmax(np.correlate(got[:4000], src[:2000], mode="valid")))

@@ -203,3 +203,30 @@ def test_greedy_generation_with_image_and_audio_equals_transformers(audio_model)
     assert result.prompt_tokens == len(ids)
     assert result.tokens == want[: len(result.tokens)]
     assert len(result.tokens) == len(want) or result.finish_reason == "stop"
+
+
+def test_cli_video_audio_passes_the_soundtrack(audio_model, tmp_path, capsys):
+    path, _ = audio_model
+    clip = tiny_audio.write_video_with_sound(tmp_path / "clip.mp4", _clip(1.0, 6))
+    args = ["generate", "-m", str(path), "--video", str(clip), "--video-frames", "2", "-p", "hi"]
+    code, out, err = run_cli([*args, "--video-audio", "--json", "--max-tokens", "2"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["video_frames"] == [2]
+    assert len(result["audio_tokens"]) == 1 and 20 <= result["audio_tokens"][0] <= 30
+    code, _, err = run_cli(["generate", "-m", str(path), "-p", "hi", "--video-audio"], capsys)
+    assert code == 2 and "--video-audio needs --video" in err
+
+
+def test_str_prompt_gets_audio_in_front_and_long_audio_two_blocks(audio_model):
+    path, _ = audio_model
+    model, tokenizer = load(path)
+    text_ids = list(tokenizer.encode("hello world"))
+    long = np.concatenate([_clip(30.0, 7), _clip(1.0, 8)])  # 31 s: a 30 s clip and a 1 s clip
+    result = generate(model, tokenizer, "hello world", max_tokens=2, audio=[long])
+    assert result.audio_tokens == [750, 25]
+    assert result.prompt_tokens == len(text_ids) + 750 + 25 + 4  # two <|audio> ... <audio|> blocks
+    placed = generate(
+        model, tokenizer, "hello <|audio|> world", max_tokens=2, audio=[_clip(1.0, 9)]
+    )
+    assert placed.audio_tokens == [25]

@@ -14,10 +14,9 @@ from gemma4_mlx.models.vision import MultimodalEmbedder
 TOL = 5e-5
 
 
-@pytest.fixture(scope="module")
-def towers():
-    ref_tower, ref_embedder = tiny_audio.build_reference(seed=0)
-    cfg = audio.audio_config_from_dict(tiny_audio.AUDIO_CONFIG)
+def _build(config: dict, seed: int = 0):
+    ref_tower, ref_embedder = tiny_audio.build_reference(seed=seed, config=config)
+    cfg = audio.audio_config_from_dict(config)
     tower = audio.AudioModel(cfg)
     embedder = MultimodalEmbedder(cfg.output_proj_dims, tiny_audio.TEXT_HIDDEN, cfg.rms_norm_eps)
     weights = {k: mx.array(v) for k, v in tiny_audio.mlx_weights(ref_tower, ref_embedder).items()}
@@ -29,6 +28,11 @@ def towers():
         [(k.removeprefix("embed_audio."), v) for k, v in weights.items() if "embed_audio." in k]
     )
     return (ref_tower, ref_embedder), (tower, embedder)
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return _build(tiny_audio.AUDIO_CONFIG)
 
 
 def _ours(tower, embedder, feats, mask):
@@ -137,3 +141,43 @@ def test_audio_config_errors_name_the_field():
     assert audio.parse_audio_config(cfg) is None
     cfg = parse_config({"model_type": "gemma4", "text_config": text, "audio_config": {}})
     assert audio.parse_audio_config(cfg) == audio.AudioConfig()
+
+
+def test_released_tower_shape_matches_transformers():
+    """E2B/E4B's real audio_config (transformers' defaults: hidden 1024, 8 heads of 128, channels
+    128/32, cap 50, clamp 1e10, output 1536) cut to 2 layers, random perturbed weights."""
+    config = dict(num_hidden_layers=2)
+    (ref_tower, ref_embedder), (tower, embedder) = _build(config, seed=5)
+    assert tower.config == audio.AudioConfig(num_hidden_layers=2)
+    feats, mask = tiny_audio.probe_features(seed=6, lengths=(130, 77))
+    ref_hidden, ref_mask, ref_emb = tiny_audio.reference_outputs(
+        ref_tower, ref_embedder, feats, mask
+    )
+    hidden, out_mask, emb = _ours(tower, embedder, feats, mask)
+    assert (out_mask == ref_mask).all()
+    err = float(np.abs(hidden - ref_hidden).max())
+    rel = err / float(np.abs(ref_hidden).max())
+    print(f"released shape, 2 layers: max |diff| {err:.2e} (relative {rel:.1e})")
+    assert rel <= 1e-5
+
+
+def test_sanitize_drops_recomputed_buffers_and_fixes_layouts(towers):
+    _, (tower, _) = towers
+    h = tower.config.hidden_size
+    weights = {
+        "audio_tower.rel_pos_enc.inv_timescales": mx.zeros((1, 1, h // 2)),
+        "audio_tower.layers.0.self_attn.softcap": mx.array(2.0),
+        "audio_tower.layers.0.self_attn.q_proj.input_max": mx.array([3.0]),
+        "audio_tower.subsample_conv_projection.layer1.conv.weight": mx.zeros((8, 128, 3, 3)),
+        "audio_tower.layers.0.lconv1d.depthwise_conv1d.weight": mx.zeros((h, 1, 5)),
+        "language_model.model.norm.weight": mx.zeros((4, 1, 3)),  # not ours: untouched
+    }
+    out = tower.sanitize(weights, prefix="audio_tower.")
+    assert "audio_tower.rel_pos_enc.inv_timescales" not in out
+    assert "audio_tower.layers.0.self_attn.softcap" not in out
+    assert out["audio_tower.layers.0.self_attn.q_proj.input_max"].shape == ()
+    assert out["audio_tower.subsample_conv_projection.layer1.conv.weight"].shape == (8, 3, 3, 128)
+    assert out["audio_tower.layers.0.lconv1d.depthwise_conv1d.weight"].shape == (h, 5, 1)
+    assert out["language_model.model.norm.weight"].shape == (4, 1, 3)
+    again = tower.sanitize(out, prefix="audio_tower.")  # MLX layouts pass unchanged
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in out.items()}

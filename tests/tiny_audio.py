@@ -40,7 +40,7 @@ def probe_features(seed: int = 0, lengths: tuple[int, ...] = (150, 97)) -> tuple
     return feats * mask[..., None], mask
 
 
-def build_reference(seed: int = 0):
+def build_reference(seed: int = 0, config: dict | None = None):
     import torch
     from transformers.models.gemma4.configuration_gemma4 import (
         Gemma4AudioConfig,
@@ -53,7 +53,7 @@ def build_reference(seed: int = 0):
     )
 
     torch.manual_seed(seed)
-    cfg = Gemma4AudioConfig(**AUDIO_CONFIG)
+    cfg = Gemma4AudioConfig(**(config or AUDIO_CONFIG))
     cfg._attn_implementation = "eager"
     tower = Gemma4AudioModel(cfg).float().eval()
     text_cfg = Gemma4TextConfig(hidden_size=TEXT_HIDDEN, vocab_size=16, num_hidden_layers=1)
@@ -219,3 +219,24 @@ def write_media_tokenizer(model_dir, vocab: int = 512) -> None:
     )
     assert tok.convert_tokens_to_ids("<|audio|>") == 501 and len(tok) == vocab
     tok.save_pretrained(str(model_dir))
+
+
+def write_video_with_sound(path, samples: np.ndarray, frames: int = 20):
+    """An MPEG-4 video (32x32, 10 fps, grey ramp) with ``samples`` (16 kHz mono) as AAC sound."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        sound = out.add_stream("aac", rate=16000, layout="mono")
+        for i in range(frames):
+            img = np.full((32, 32, 3), i * 10 % 256, np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        frame = av.AudioFrame.from_ndarray(samples[None], format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in (
+            list(sound.encode(frame)) + list(sound.encode(None)) + list(video.encode(None))
+        ):
+            out.mux(packet)
+    return path

@@ -9,6 +9,7 @@ the tower call, less what was allocated before it (the weights).
 
     python benchmarks/audio.py            # 10 s and 30 s, float32 and bfloat16, 3 runs each
     python benchmarks/audio.py --quick    # 2 s, float32, 1 run (CI smoke; numbers per 10 s)
+    python benchmarks/audio.py --seconds 10 --dtypes bfloat16 --name audio_bf16
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--name", default="audio", help="result file name (without .json)")
     args = ap.parse_args(argv)
     durations = [2.0] if args.quick else [float(s) for s in args.seconds.split(",")]
     dtypes = ["float32"] if args.quick else args.dtypes.split(",")
@@ -116,5 +118,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         "quick": args.quick,
         "rows": rows,
     }
-    path = write_json(args.out, "audio_quick" if args.quick else "audio", payload)
+    path = write_json(args.out, "audio_quick" if args.quick else args.name, payload)
     print(f"wrote {path}")

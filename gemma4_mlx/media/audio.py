@@ -276,8 +276,13 @@ def prepare_audio(
             samples = load_audio(item, cfg.sampling_rate)
             name = str(item)
         else:
-            samples = np.asarray(item, dtype=np.float32)
             name = f"audio[{i}]"
+            if not np.issubdtype(np.asarray(item).dtype, np.floating):
+                raise UserError(
+                    f"{name}: an audio array should hold float samples in [-1, 1] at 16 kHz, "
+                    f"got dtype {np.asarray(item).dtype}"
+                )
+            samples = np.asarray(item, dtype=np.float32)
             if samples.ndim != 1:
                 raise UserError(
                     f"{name}: an audio array should be 1-D 16 kHz mono samples, got shape "

@@ -1,11 +1,12 @@
 """Gemma 4's audio encoder (E2B/E4B): a USM-style conformer, in forward-pass order.
 
-log-mel features (B, T, 128) -> two stride-2 3x3 convolutions (T/4 frames, 40 ms each) -> N conformer
-layers (half-step FFN, chunked local self-attention with relative positions, causal light conv,
-half-step FFN) -> ``output_proj``; ``embed_audio`` (weightless RMSNorm + Linear into the text
-width) is the vision tower's ``MultimodalEmbedder``. The executable reference is transformers 5.24's ``Gemma4AudioModel`` and
-``Gemma4MultimodalEmbedder``; module names equal its checkpoint keys under ``audio_tower.`` /
-``embed_audio.``. Attention runs in float32 whatever the weights' dtype, as the reference does.
+log-mel features (B, T, 128) -> two stride-2 3x3 convolutions (T/4 frames, 40 ms each) -> N
+conformer layers (half-step FFN, chunked local self-attention with relative positions, causal
+light conv, half-step FFN) -> ``output_proj``; ``embed_audio`` (weightless RMSNorm + Linear into
+the text width) is the vision tower's ``MultimodalEmbedder``. The executable reference is
+transformers 5.24's ``Gemma4AudioModel`` and ``Gemma4MultimodalEmbedder``; module names equal its
+checkpoint keys under ``audio_tower.`` / ``embed_audio.``. Attention runs in float32 whatever the
+weights' dtype, as the reference does.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from gemma4_mlx.errors import UserError
 
 # Frames a query attends to: itself and the ones before it, ``0 <= t - s < window`` with
 # ``window = attention_context_left + WINDOW_MINUS_CONTEXT_LEFT``. -1 is transformers 5.24's rule
-# (12 frames for the released attention_context_left=13), our parity target; mlx-vlm (like Gemma 3n's
-# tril mask) lets a query see 13 frames, i.e. 0 here. Which one Google trained is unknown; on a random
-# tower the two differ by ~3 % relative.
+# (12 frames for the released attention_context_left=13), our parity target; Gemma 3n's tril mask
+# (and mlx-vlm's tril-based versions) let a query see 13 frames, i.e. 0 here. Which one Google
+# trained is unknown; on random towers the two rules' outputs differ by a few percent.
 WINDOW_MINUS_CONTEXT_LEFT = -1
 
 _ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
@@ -404,12 +405,19 @@ class AudioModel(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array], prefix: str = "") -> dict[str, mx.array]:
         """PyTorch conv layouts -> MLX: Conv2d (O, I, 3, 3) -> (O, 3, 3, I), depthwise (H, 1, K) ->
-        (H, K, 1). Weights already in MLX layout (our or mlx-lm conversions) pass unchanged."""
+        (H, K, 1). Weights already in MLX layout (our or mlx-lm conversions) pass unchanged.
+        Buffers we recompute (the relative-position timescales, the logit cap) are dropped if a
+        checkpoint carries them; clip bounds stored as (1,) become scalars."""
         out = dict(weights)
         for name, value in weights.items():
             if not name.startswith(prefix):
                 continue
-            if name.endswith(".conv.weight") and value.ndim == 4:
+            if name.endswith(("rel_pos_enc.inv_timescales", "self_attn.softcap")):
+                del out[name]
+            elif name.endswith(("input_min", "input_max", "output_min", "output_max")):
+                if value.size == 1 and value.ndim > 0:
+                    out[name] = value.reshape(())
+            elif name.endswith(".conv.weight") and value.ndim == 4:
                 expected = 1 if ".layer0." in name else self.config.subsampling_conv_channels[0]
                 if value.shape[1] == expected and value.shape[-1] != expected:
                     out[name] = value.transpose(0, 2, 3, 1)

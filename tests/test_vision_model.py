@@ -264,3 +264,29 @@ def test_turboquant_cache_runs_image_prompts(tiny_mm):
     err = float(np.abs(tq - exact).max())
     print(f"turboquant K8/V8 vs exact cache on an image prompt: max |logit diff| {err:.3e}")
     assert np.isfinite(step).all() and err < 0.1
+
+
+def test_float16_pool_scale_standardize_run_in_float32(tiny_mm, monkeypatch):
+    """26B/31B pooled features times sqrt(Hv) exceed float16's 65504 and std_bias is O(1e4):
+    pool, scale and standardize run in float32, so float16 encoder outputs of 1.5e4 (which
+    float16 holds) still give the exact standardized features (ports that did these steps in
+    float16 got inf/NaN, hence the <pad>-only output)."""
+    _, _, model = tiny_mm("26b")
+    tower = model.vision_tower
+    feats = _images()
+    n = int((feats["image_position_ids"][0, :, 0] >= 0).sum())
+    rng = np.random.default_rng(0)
+    hidden = rng.uniform(1.2e4, 1.6e4, (1, n, tower.config.hidden_size)).astype(np.float16)
+    monkeypatch.setattr(tower, "encode", lambda pixels, positions: mx.array(hidden))
+    bias = rng.uniform(8e4, 9e4, tower.config.hidden_size).astype(np.float32)
+    scale = rng.uniform(1e-4, 2e-4, tower.config.hidden_size).astype(np.float32)
+    monkeypatch.setattr(tower, "std_bias", mx.array(bias))
+    monkeypatch.setattr(tower, "std_scale", mx.array(scale))
+    out = np.array(tower(feats["pixel_values"][:1], feats["image_position_ids"][:1])[0])
+    # the same in float64 with numpy (encode's rows come grouped by pooling cell, 9 each)
+    cells = hidden[0].astype(np.float64).reshape(n // 9, 9, -1)
+    pooled = cells.mean(1) * np.sqrt(hidden.shape[-1])
+    expected = (pooled - bias) * scale
+    err = float(np.abs(out - expected).max() / np.abs(expected).max())
+    print(f"pooled*sqrt(Hv) up to {pooled.max():.0f}; float32 stage vs float64: rel {err:.1e}")
+    assert pooled.max() > 65504 and np.isfinite(out).all() and err < 1e-5

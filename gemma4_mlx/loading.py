@@ -214,9 +214,13 @@ def load_tokenizer(model_dir: Path, config: ModelConfig | None = None) -> Any:
 
 
 def load(
-    path_or_repo: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path_or_repo: str | Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    text_only: bool = False,
 ) -> tuple[nn.Module, Any]:
-    """mlx-lm-compatible ``load``: a directory, a hub id or ``demo`` -> (model, tokenizer)."""
+    """mlx-lm-compatible ``load``: a directory, a hub id or ``demo`` -> (model, tokenizer).
+    ``text_only`` skips the vision tower of a multimodal checkpoint."""
     model_dir = resolve_model_path(path_or_repo)
-    model, config = load_model(model_dir, dtype=dtype, lazy=lazy)
+    model, config = load_model(model_dir, dtype=dtype, lazy=lazy, text_only=text_only)
     return model, load_tokenizer(model_dir, config)

@@ -18,7 +18,8 @@ def expand_image_placeholders(ids: list[int], tokens, counts: list[int]) -> list
     n_slots = sum(1 for t in ids if t == tokens.image)
     if n_slots != len(counts):
         raise UserError(
-            f"the prompt has {n_slots} image placeholder(s) but {len(counts)} image(s) were given"
+            f"the prompt has {n_slots} image placeholder(s) but {len(counts)} image(s) were given "
+            "(gemma4_mlx.media.with_image_placeholders writes one per image)"
         )
     out: list[int] = []
     it = iter(counts)

@@ -191,13 +191,8 @@ class Gemma4Multimodal(nn.Module):
         """(modality, placeholder id, features (n, H)) for each modality given."""
         out = []
         if pixel_values is not None:
-            out.append(
-                (
-                    "image",
-                    self.media_tokens.image,
-                    self.embed_image(pixel_values, image_position_ids),
-                )
-            )
+            feats = self.embed_image(pixel_values, image_position_ids)
+            out.append(("image", self.media_tokens.image, feats))
         if pixel_values_videos is not None:
             # Frames of every video concatenated; the same tower, one 70-token block per frame.
             feats = self.embed_image(pixel_values_videos, video_position_ids)

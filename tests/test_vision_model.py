@@ -290,3 +290,53 @@ def test_float16_pool_scale_standardize_run_in_float32(tiny_mm, monkeypatch):
     err = float(np.abs(out - expected).max() / np.abs(expected).max())
     print(f"pooled*sqrt(Hv) up to {pooled.max():.0f}; float32 stage vs float64: rel {err:.1e}")
     assert pooled.max() > 65504 and np.isfinite(out).all() and err < 1e-5
+
+
+REAL_VISION = {  # vision_config of the released E4B and 31B config.json files
+    "e4b": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
+                num_attention_heads=12, num_key_value_heads=12, head_dim=64, patch_size=16,
+                pooling_kernel_size=3, position_embedding_size=10240, rms_norm_eps=1e-6,
+                hidden_activation="gelu_pytorch_tanh", use_clipped_linears=True,
+                standardize=False, default_output_length=280,
+                rope_parameters={"rope_theta": 100, "rope_type": "default"}),
+    "31b": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                num_attention_heads=16, num_key_value_heads=16, head_dim=72, patch_size=16,
+                pooling_kernel_size=3, position_embedding_size=10240, rms_norm_eps=1e-6,
+                hidden_activation="gelu_pytorch_tanh", use_clipped_linears=False,
+                standardize=True, default_output_length=280,
+                rope_parameters={"rope_theta": 100, "rope_type": "default"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REAL_VISION))
+def test_real_vision_configs_parse_and_match_transformers_parameter_count(name):
+    from mlx.utils import tree_flatten
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    from gemma4_mlx.models.vision import VisionModel, parse_vision_config
+
+    cfg = parse_vision_config({"vision_config": REAL_VISION[name]})
+    assert cfg.head_dim == REAL_VISION[name]["head_dim"] and cfg.rope_theta == 100.0
+    ours = sum(v.size for _, v in tree_flatten(VisionModel(cfg).parameters()))
+    with torch.device("meta"):
+        ref = Gemma4VisionModel(Gemma4VisionConfig(**REAL_VISION[name]))
+    theirs = sum(t.numel() for t in ref.state_dict().values())
+    print(f"{name}: vision tower parameters ours {ours:,}, transformers {theirs:,}")
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"head_dim": 70}, "'head_dim'=70 must be a multiple of 4"),
+        ({"hidden_size": "wide"}, "'hidden_size'='wide' should be of type int"),
+        ({"num_key_value_heads": 5}, "not a multiple of num_key_value_heads=5"),
+        ({"rope_parameters": {"rope_type": "yarn"}}, "rope_type 'yarn' is not supported"),
+    ],
+)
+def test_bad_vision_config_names_the_field(change, message):
+    from gemma4_mlx.errors import UserError
+    from gemma4_mlx.models.vision import parse_vision_config
+
+    with pytest.raises(UserError, match=message):
+        parse_vision_config({"vision_config": {**REAL_VISION["e4b"], **change}}, "m/config.json")

@@ -340,3 +340,39 @@ def test_bad_vision_config_names_the_field(change, message):
 
     with pytest.raises(UserError, match=message):
         parse_vision_config({"vision_config": {**REAL_VISION["e4b"], **change}}, "m/config.json")
+
+
+def test_real_31b_tower_shape_one_layer_matches_transformers():
+    """The real 26B/31B tower width (1152, 16 heads of dim 72: the padded attention path) and
+    patch size 16, cut to one layer, on a real-size photo at budget 70."""
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    from gemma4_mlx.models.vision import VisionModel, parse_vision_config
+
+    vc = dict(REAL_VISION["31b"], num_hidden_layers=1)
+    torch.manual_seed(0)
+    ref = Gemma4VisionModel(Gemma4VisionConfig(**vc)).float().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, t in ref.state_dict().items():
+            noise = torch.randn(t.shape, generator=gen)
+            if key.endswith(("q_norm.weight", "k_norm.weight")):
+                t.copy_(0.5 + 0.1 * noise)
+            elif "norm" in key or key.endswith("std_scale"):
+                t.copy_(1.0 + 0.2 * noise)
+            elif key.endswith(("std_bias", "position_embedding_table")):
+                t.copy_(0.5 * noise)
+            else:
+                t.copy_(0.02 * noise)
+    ours = VisionModel(parse_vision_config({"vision_config": vc}))
+    ours.load_weights([(k, mx.array(v.numpy())) for k, v in ref.state_dict().items()])
+    feats = preprocess_images([tm.photo(480, 640, 3)], 70)
+    with torch.no_grad():
+        theirs = ref(
+            pixel_values=torch.tensor(feats["pixel_values"]),
+            pixel_position_ids=torch.tensor(feats["image_position_ids"]),
+        ).last_hidden_state.numpy()
+    got = np.array(ours(feats["pixel_values"], feats["image_position_ids"])[0])
+    rel = float(np.abs(got - theirs).max() / np.abs(theirs).max())
+    print(f"31B-shaped tower, 1 layer, {got.shape[0]} tokens: max rel diff {rel:.2e}")
+    assert got.shape == theirs.shape and rel <= 1e-5

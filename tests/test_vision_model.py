@@ -376,3 +376,24 @@ def test_real_31b_tower_shape_one_layer_matches_transformers():
     rel = float(np.abs(got - theirs).max() / np.abs(theirs).max())
     print(f"31B-shaped tower, 1 layer, {got.shape[0]} tokens: max rel diff {rel:.2e}")
     assert got.shape == theirs.shape and rel <= 1e-5
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_batch_of_two_prompts_with_different_images(name, tiny_mm):
+    """Row-major scatter over the batch: each prompt gets its own image's soft tokens."""
+    _, ref, model = tiny_mm(name)
+    feats = _images()
+    a, b = feats["num_soft_tokens_per_image"]
+    rng = np.random.default_rng(5)
+    text = lambda n: list(rng.integers(3, 400, n))  # noqa: E731
+    pad = abs(a - b)
+    rows = [
+        tm.expand_prompt([text(5 + (pad if a < b else 0)), text(6)], [a]),
+        tm.expand_prompt([text(5 + (pad if b < a else 0)), text(6)], [b]),
+    ]
+    ids = np.array(rows)
+    tokens = model.media_tokens
+    with torch.no_grad():
+        theirs = ref(**_torch_kwargs(ids, feats, tokens=tokens), use_cache=False).logits.numpy()
+    ours = np.array(model(mx.array(ids), **_ours_kwargs(ids, feats, tokens)))
+    _compare(f"{name} batch of 2 prompts, one image each", ours, theirs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,8 +254,10 @@ def _generate_with_media(
     _check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
     media["mm_token_type_ids"] = media["mm_token_type_ids"][:, :-1]
+    start = time.perf_counter()
     model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
     mx.eval([c.state for c in cache])
+    prefill_s = time.perf_counter() - start  # media encoding included
     pieces, responses = [], []
     for response in stream_generate(
         model, tokenizer, tokens[-1:], max_tokens, sampling, cache, policy, progress
@@ -264,6 +267,7 @@ def _generate_with_media(
         if on_text is not None and response.text:
             on_text(response.text)
     result = _finish(pieces, responses, len(tokens), len(tokens), policy, cache)
+    result.prompt_tps = (len(tokens) - 1) / max(prefill_s, 1e-9)  # mlx-lm saw one token
     result.image_tokens = report["image_tokens"]
     result.video_frames = report["video_frames"]
     return result

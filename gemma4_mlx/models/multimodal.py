@@ -19,6 +19,7 @@ implementations the same arrays. Each modality is one ``embed_*`` step returning
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from gemma4_mlx.models.vision import MultimodalEmbedder, VisionModel, parse_visi
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
 _MEDIA_PREFIXES = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -303,9 +305,14 @@ class Gemma4Multimodal(nn.Module):
             else:
                 rest[name] = value
         out = {"language_model." + k: v for k, v in self.language_model.sanitize(rest).items()}
+        skipped = set()
         for name, value in media.items():
             if name.startswith(("vision_tower", "embed_vision")) and self.has_vision:
                 out[name] = value
+            else:
+                skipped.add(name.split(".")[0])
+        if skipped:
+            log.info("skipping weights this model does not use: %s", ", ".join(sorted(skipped)))
         return out
 
 

@@ -208,7 +208,8 @@ def generate(
     prompt, only the rest of the prompt is prefilled; the prompt's cache is saved back to it.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
     each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
-    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
+    ``videos`` (paths, or ``gemma4_mlx.media.video.load_video`` results to choose the frames)
+    fill ``<|video|>`` ones.
     """
     policy = kv_policy or KVPolicy()
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -307,7 +307,7 @@ class Gemma4Multimodal(nn.Module):
         out = {"language_model." + k: v for k, v in self.language_model.sanitize(rest).items()}
         skipped = set()
         for name, value in media.items():
-            if name.startswith(("vision_tower", "embed_vision")) and self.has_vision:
+            if name.split(".")[0] in self:  # a tower (or embedder) this model built
                 out[name] = value
             else:
                 skipped.add(name.split(".")[0])

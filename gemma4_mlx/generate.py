@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -315,7 +316,8 @@ def generate(
     the requested policy and its cache saved to the file. The result reports the policy used.
     ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
     each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
-    ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
+    ``videos`` (paths, or ``gemma4_mlx.media.video.load_video`` results to choose the frames)
+    fill ``<|video|>`` ones.
     ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
     one each; a str prompt without any gets them in front.
     ``json_schema``: the answer (``result.text``) is that schema's JSON, enforced while
@@ -408,13 +410,16 @@ def _generate_with_media(
         media.update(visual)
     check_context(model, len(tokens), max_tokens)
     cache = model.make_cache(policy)
+    start = time.perf_counter()
     model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
     mx.eval([c.state for c in cache])
+    prefill_s = time.perf_counter() - start  # media encoding included
     result = _generate_from(
         model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
         progress, json_schema=json_schema,
         thinking=thinking,
     )  # fmt: skip
+    result.prompt_tps = (len(tokens) - 1) / max(prefill_s, 1e-9)  # mlx-lm saw one token
     result.audio_tokens = audio_counts
     result.image_tokens = report["image_tokens"]
     result.video_frames = report["video_frames"]

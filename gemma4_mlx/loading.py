@@ -222,16 +222,17 @@ def load(
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     kv_policy: Any = None,
+    text_only: bool = False,
 ) -> tuple[nn.Module, Any]:
     """mlx-lm-compatible ``load``: a directory, a hub id or ``demo`` -> (model, tokenizer).
 
     ``kv_policy`` (a KVPolicy or its text form, e.g. ``"turboquant"``; default: the exact
     cache) is bound to the model: ``model.make_cache()`` and mlx-lm's ``make_prompt_cache``
-    build it."""
+    build it. ``text_only`` skips the vision and audio towers of a multimodal checkpoint."""
     from gemma4_mlx.cache import as_policy, bind_policy
 
     policy = as_policy(kv_policy)  # a bad policy fails before the weights load
     model_dir = resolve_model_path(path_or_repo)
-    model, config = load_model(model_dir, dtype=dtype, lazy=lazy)
+    model, config = load_model(model_dir, dtype=dtype, lazy=lazy, text_only=text_only)
     bind_policy(model, policy)
     return model, load_tokenizer(model_dir, config)

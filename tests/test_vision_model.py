@@ -264,3 +264,136 @@ def test_turboquant_cache_runs_image_prompts(tiny_mm):
     err = float(np.abs(tq - exact).max())
     print(f"turboquant K8/V8 vs exact cache on an image prompt: max |logit diff| {err:.3e}")
     assert np.isfinite(step).all() and err < 0.1
+
+
+def test_float16_pool_scale_standardize_run_in_float32(tiny_mm, monkeypatch):
+    """26B/31B pooled features times sqrt(Hv) exceed float16's 65504 and std_bias is O(1e4):
+    pool, scale and standardize run in float32, so float16 encoder outputs of 1.5e4 (which
+    float16 holds) still give the exact standardized features (ports that did these steps in
+    float16 got inf/NaN, hence the <pad>-only output)."""
+    _, _, model = tiny_mm("26b")
+    tower = model.vision_tower
+    feats = _images()
+    n = int((feats["image_position_ids"][0, :, 0] >= 0).sum())
+    rng = np.random.default_rng(0)
+    hidden = rng.uniform(1.2e4, 1.6e4, (1, n, tower.config.hidden_size)).astype(np.float16)
+    monkeypatch.setattr(tower, "encode", lambda pixels, positions: mx.array(hidden))
+    bias = rng.uniform(8e4, 9e4, tower.config.hidden_size).astype(np.float32)
+    scale = rng.uniform(1e-4, 2e-4, tower.config.hidden_size).astype(np.float32)
+    monkeypatch.setattr(tower, "std_bias", mx.array(bias))
+    monkeypatch.setattr(tower, "std_scale", mx.array(scale))
+    out = np.array(tower(feats["pixel_values"][:1], feats["image_position_ids"][:1])[0])
+    # the same in float64 with numpy (encode's rows come grouped by pooling cell, 9 each)
+    cells = hidden[0].astype(np.float64).reshape(n // 9, 9, -1)
+    pooled = cells.mean(1) * np.sqrt(hidden.shape[-1])
+    expected = (pooled - bias) * scale
+    err = float(np.abs(out - expected).max() / np.abs(expected).max())
+    print(f"pooled*sqrt(Hv) up to {pooled.max():.0f}; float32 stage vs float64: rel {err:.1e}")
+    assert pooled.max() > 65504 and np.isfinite(out).all() and err < 1e-5
+
+
+REAL_VISION = {  # vision_config of the released E4B and 31B config.json files
+    "e4b": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
+                num_attention_heads=12, num_key_value_heads=12, head_dim=64, patch_size=16,
+                pooling_kernel_size=3, position_embedding_size=10240, rms_norm_eps=1e-6,
+                hidden_activation="gelu_pytorch_tanh", use_clipped_linears=True,
+                standardize=False, default_output_length=280,
+                rope_parameters={"rope_theta": 100, "rope_type": "default"}),
+    "31b": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                num_attention_heads=16, num_key_value_heads=16, head_dim=72, patch_size=16,
+                pooling_kernel_size=3, position_embedding_size=10240, rms_norm_eps=1e-6,
+                hidden_activation="gelu_pytorch_tanh", use_clipped_linears=False,
+                standardize=True, default_output_length=280,
+                rope_parameters={"rope_theta": 100, "rope_type": "default"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REAL_VISION))
+def test_real_vision_configs_parse_and_match_transformers_parameter_count(name):
+    from mlx.utils import tree_flatten
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    from gemma4_mlx.models.vision import VisionModel, parse_vision_config
+
+    cfg = parse_vision_config({"vision_config": REAL_VISION[name]})
+    assert cfg.head_dim == REAL_VISION[name]["head_dim"] and cfg.rope_theta == 100.0
+    ours = sum(v.size for _, v in tree_flatten(VisionModel(cfg).parameters()))
+    with torch.device("meta"):
+        ref = Gemma4VisionModel(Gemma4VisionConfig(**REAL_VISION[name]))
+    theirs = sum(t.numel() for t in ref.state_dict().values())
+    print(f"{name}: vision tower parameters ours {ours:,}, transformers {theirs:,}")
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"head_dim": 70}, "'head_dim'=70 must be a multiple of 4"),
+        ({"hidden_size": "wide"}, "'hidden_size'='wide' should be of type int"),
+        ({"num_key_value_heads": 5}, "not a multiple of num_key_value_heads=5"),
+        ({"rope_parameters": {"rope_type": "yarn"}}, "rope_type 'yarn' is not supported"),
+    ],
+)
+def test_bad_vision_config_names_the_field(change, message):
+    from gemma4_mlx.errors import UserError
+    from gemma4_mlx.models.vision import parse_vision_config
+
+    with pytest.raises(UserError, match=message):
+        parse_vision_config({"vision_config": {**REAL_VISION["e4b"], **change}}, "m/config.json")
+
+
+def test_real_31b_tower_shape_one_layer_matches_transformers():
+    """The real 26B/31B tower width (1152, 16 heads of dim 72: the padded attention path) and
+    patch size 16, cut to one layer, on a real-size photo at budget 70."""
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    from gemma4_mlx.models.vision import VisionModel, parse_vision_config
+
+    vc = dict(REAL_VISION["31b"], num_hidden_layers=1)
+    torch.manual_seed(0)
+    ref = Gemma4VisionModel(Gemma4VisionConfig(**vc)).float().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, t in ref.state_dict().items():
+            noise = torch.randn(t.shape, generator=gen)
+            if key.endswith(("q_norm.weight", "k_norm.weight")):
+                t.copy_(0.5 + 0.1 * noise)
+            elif "norm" in key or key.endswith("std_scale"):
+                t.copy_(1.0 + 0.2 * noise)
+            elif key.endswith(("std_bias", "position_embedding_table")):
+                t.copy_(0.5 * noise)
+            else:
+                t.copy_(0.02 * noise)
+    ours = VisionModel(parse_vision_config({"vision_config": vc}))
+    ours.load_weights([(k, mx.array(v.numpy())) for k, v in ref.state_dict().items()])
+    feats = preprocess_images([tm.photo(480, 640, 3)], 70)
+    with torch.no_grad():
+        theirs = ref(
+            pixel_values=torch.tensor(feats["pixel_values"]),
+            pixel_position_ids=torch.tensor(feats["image_position_ids"]),
+        ).last_hidden_state.numpy()
+    got = np.array(ours(feats["pixel_values"], feats["image_position_ids"])[0])
+    rel = float(np.abs(got - theirs).max() / np.abs(theirs).max())
+    print(f"31B-shaped tower, 1 layer, {got.shape[0]} tokens: max rel diff {rel:.2e}")
+    assert got.shape == theirs.shape and rel <= 1e-5
+
+
+@pytest.mark.parametrize("name", FLAVOURS)
+def test_batch_of_two_prompts_with_different_images(name, tiny_mm):
+    """Row-major scatter over the batch: each prompt gets its own image's soft tokens."""
+    _, ref, model = tiny_mm(name)
+    feats = _images()
+    a, b = feats["num_soft_tokens_per_image"]
+    rng = np.random.default_rng(5)
+    text = lambda n: list(rng.integers(3, 400, n))  # noqa: E731
+    pad = abs(a - b)
+    rows = [
+        tm.expand_prompt([text(5 + (pad if a < b else 0)), text(6)], [a]),
+        tm.expand_prompt([text(5 + (pad if b < a else 0)), text(6)], [b]),
+    ]
+    ids = np.array(rows)
+    tokens = model.media_tokens
+    with torch.no_grad():
+        theirs = ref(**_torch_kwargs(ids, feats, tokens=tokens), use_cache=False).logits.numpy()
+    ours = np.array(model(mx.array(ids), **_ours_kwargs(ids, feats, tokens)))
+    _compare(f"{name} batch of 2 prompts, one image each", ours, theirs)

@@ -111,6 +111,8 @@ def test_api_generate_with_video_equals_direct_model_calls(tiny_mm_chat, clip): 
         ours.append(int(mx.argmax(logits[0, -1])))
         logits = model(mx.array([[ours[-1]]]), cache=cache)
     assert result.tokens == ours
+    _, _, by_path = prepare_media(model, tokenizer, ids, videos=[clip])  # a path: 32 frames
+    assert by_path["video_frames"] == [32]
 
 
 def test_cli_video_and_image_together(tiny_mm_chat, clip, photo_file, capsys):  # noqa: F811

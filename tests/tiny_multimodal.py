@@ -101,7 +101,7 @@ def _config(name: str, extra: dict | None = None):
     text = dict(tiny.TINY_CONFIGS[text_name])
     text.pop("model_type")
     text.update(text_over)
-    cfg = Gemma4Config(
+    kwargs = dict(
         text_config=text,
         vision_config=vision,
         audio_config=None,
@@ -113,11 +113,13 @@ def _config(name: str, extra: dict | None = None):
         boa_token_id=BOA,
         eoa_token_index=EOA,
         tie_word_embeddings=True,
-        **(extra or {}),
     )
+    kwargs.update(extra or {})  # e.g. {"audio_config": {...}}
+    cfg = Gemma4Config(**kwargs)
     cfg._attn_implementation = "eager"
-    for sub in (cfg.text_config, cfg.vision_config):
-        sub._attn_implementation = "eager"
+    for sub in (cfg.text_config, cfg.vision_config, cfg.audio_config):
+        if sub is not None:
+            sub._attn_implementation = "eager"
     return cfg
 
 

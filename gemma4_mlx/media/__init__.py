@@ -18,7 +18,8 @@ def expand_image_placeholders(ids: list[int], tokens, counts: list[int]) -> list
     n_slots = sum(1 for t in ids if t == tokens.image)
     if n_slots != len(counts):
         raise UserError(
-            f"the prompt has {n_slots} image placeholder(s) but {len(counts)} image(s) were given"
+            f"the prompt has {n_slots} image placeholder(s) but {len(counts)} image(s) were given "
+            "(gemma4_mlx.media.with_image_placeholders writes one per image)"
         )
     out: list[int] = []
     it = iter(counts)
@@ -71,7 +72,7 @@ def prepare_media(
 ) -> tuple[list[int], dict[str, Any], dict[str, Any]]:
     """(prompt ids with one placeholder per image/video, media) -> (expanded ids, the model's
     keyword arguments incl. ``mm_token_type_ids``, a report: soft tokens per image, frames and
-    tokens per frame per video, notes). ``videos`` are ``video.Video`` objects."""
+    tokens per frame per video, notes). ``videos`` are paths or ``video.load_video`` results."""
     import numpy as np
 
     from gemma4_mlx.models.multimodal import check_media_supported, mm_token_type_ids
@@ -80,7 +81,9 @@ def prepare_media(
     tokens, media = model.media_tokens, {}
     report: dict[str, Any] = {"image_tokens": [], "video_frames": [], "notes": []}
     if videos:
-        from gemma4_mlx.media.video import VIDEO_BUDGET, preprocess_video, video_ids
+        from gemma4_mlx.media.video import VIDEO_BUDGET, load_video, preprocess_video, video_ids
+
+        videos = [v if hasattr(v, "frames") else load_video(v) for v in videos]  # paths: 32 frames
 
         n_slots = sum(1 for t in ids if t == tokens.video)
         if n_slots != len(videos):

@@ -19,6 +19,7 @@ implementations the same arrays. Each modality is one ``embed_*`` step returning
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from gemma4_mlx.models.vision import MultimodalEmbedder, VisionModel, parse_visi
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
 _MEDIA_PREFIXES = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -220,13 +222,8 @@ class Gemma4Multimodal(nn.Module):
         """(modality, placeholder id, features (n, H)) for each modality given."""
         out = []
         if pixel_values is not None:
-            out.append(
-                (
-                    "image",
-                    self.media_tokens.image,
-                    self.embed_image(pixel_values, image_position_ids),
-                )
-            )
+            feats = self.embed_image(pixel_values, image_position_ids)
+            out.append(("image", self.media_tokens.image, feats))
         if pixel_values_videos is not None:
             # Frames of every video concatenated; the same tower, one 70-token block per frame.
             feats = self.embed_image(pixel_values_videos, video_position_ids)
@@ -348,11 +345,14 @@ class Gemma4Multimodal(nn.Module):
             else:
                 rest[name] = value
         out = {"language_model." + k: v for k, v in self.language_model.sanitize(rest).items()}
+        skipped = set()
         for name, value in media.items():
-            if name.startswith(("vision_tower", "embed_vision")) and self.has_vision:
+            if name.split(".")[0] in self:  # a tower (or embedder) this model built
                 out[name] = value
-            if name.startswith(("audio_tower", "embed_audio")) and self.has_audio:
-                out[name] = value
+            else:
+                skipped.add(name.split(".")[0])
+        if skipped:
+            log.info("skipping weights this model does not use: %s", ", ".join(sorted(skipped)))
         if self.has_audio:
             out = self.audio_tower.sanitize(out, prefix="audio_tower.")
         return out

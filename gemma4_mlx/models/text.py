@@ -465,7 +465,8 @@ def normalize_weight_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 class MultimodalWrapper(nn.Module):
     """The ``gemma4``/``gemma3`` config wrapper: the decoder under ``language_model`` as in
-    mlx-lm's gemma4.py, so weight names match mlx-lm conversions. Towers come later."""
+    mlx-lm's gemma4.py, so weight names match mlx-lm conversions. Text only: Gemma 3, and Gemma 4
+    without a vision_config or loaded ``text_only`` (models/multimodal.py has the towers)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -130,11 +130,9 @@ def rope_2d_tables(positions: mx.array, head_dim: int, theta: float) -> tuple[mx
     Frequencies theta^(-4j/D), j < D/4 (transformers' ``compute_axial_rope_parameters``): the
     first half of each head is rotated by x, the second by y, rotate_half pairing in each half.
     """
-    q = head_dim // 4
     inv = 1.0 / (theta ** (mx.arange(0, head_dim // 2, 2, dtype=mx.float32) / (head_dim // 2)))
-    fx = positions[..., 0:1].astype(mx.float32) * inv  # (B, L, Q)
+    fx = positions[..., 0:1].astype(mx.float32) * inv  # (B, L, D/4)
     fy = positions[..., 1:2].astype(mx.float32) * inv
-    assert fx.shape[-1] == q
     freqs = mx.concatenate([fx, fx, fy, fy], axis=-1)[:, :, None, :]
     return mx.cos(freqs), mx.sin(freqs)
 

@@ -128,7 +128,10 @@ def test_prompt_from_stdin_and_prompt_cache_file(tiny_chat_model, capsys, monkey
         (["-p", "hi", "--temp", "-1"], "--temp must be >= 0"),
         (["-p", "hi", "--kv-cache", "turboquant", "--kv-bits", "9"], "--kv-bits must be in 1..8"),
         (["-p", "hi", "--max-tokens", "0"], "--max-tokens must be >= 1"),
-        (["-p", "hi", "--kv-center", "64", "--kv-center-block", "32"], "must be <= --kv-center-block"),
+        (
+            ["-p", "hi", "--kv-center", "64", "--kv-center-block", "32"],
+            "must be <= --kv-center-block",
+        ),
         (["-p", "hi", "--kv-key-tiers", "7"], "--kv-key-tiers must be 0 (off) or 2..5"),
         (["-p", "hi", "--max-tokens", "5000"], "exceeds the model's context of 1024 tokens"),
         (["-p", "hi", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),

@@ -47,6 +47,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no rich import, no type column for flags
     help="Gemma 4 on MLX with a TurboQuant-compressed KV cache.",
 )
 

@@ -47,6 +47,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no rich import, no type column for flags
     help="Gemma 4 on MLX with a TurboQuant-compressed KV cache.",
 )
 
@@ -749,6 +750,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit status 2, Ctrl-C 130."""
     try:
         code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer catches Ctrl-C in a command and returns 130 without a word
+            typer.echo("interrupted", err=True)
         if isinstance(code, int) and code:
             sys.exit(code)
     except BadArgument as e:
@@ -757,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+    except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:

@@ -124,23 +124,23 @@ def open_image(source: Any) -> Any:
 
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
+    def decode(data: Any, name: Any) -> Any:
         try:
-            image = Image.open(io.BytesIO(fetch_url(source)))
-            image.load()
+            image = Image.open(data)
+            image.load()  # decode now: a truncated file fails here, not later
+        except Image.DecompressionBombError as e:
+            raise UserError(f"{name}: image too large to decode safely ({e})") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"{source}: not a readable image ({e})") from None
+            raise UserError(f"{name}: not a readable image ({e})") from None
         return image
+
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return decode(io.BytesIO(fetch_url(source)), source)
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: no such image file")
-        try:
-            image = Image.open(path)
-            image.load()  # decode now: a truncated file fails here, not later
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable image ({e})") from None
-        return image
+        return decode(path, path)
     if isinstance(source, Image.Image) or isinstance(source, np.ndarray):
         return source
     raise UserError(

@@ -143,8 +143,11 @@ def generate(
     image: list[str] = typer.Option(
         [], "--image", help="An image file or http(s) URL (repeatable); shown before the text."
     ),
-    image_tokens: int = typer.Option(
-        280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
+    image_tokens: int | None = typer.Option(
+        None,
+        "--image-tokens",
+        help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120 (default: the checkpoint's "
+        "processor config, else 280).",
     ),
     text_only: bool = typer.Option(
         False, "--text-only", help="Skip the vision tower's weights (less memory, no images)."
@@ -171,11 +174,15 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     policy = _policy(locals())
-    if image:
+    if image and image_tokens is not None:
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
     model_dir, m, tokenizer = _load(model, dtype, text_only)
+    if image and image_tokens is None:
+        from gemma4_mlx.media.image import default_budget
+
+        image_tokens = default_budget(model_dir)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     sampling.validate()
     use_template = not raw and _has_template(tokenizer)
@@ -209,7 +216,7 @@ def generate(
         on_text=stream,
         progress=progress,
         images=image or None,
-        image_tokens=image_tokens,
+        image_tokens=image_tokens or 280,
         videos=videos or None,
     )
     if json_out:

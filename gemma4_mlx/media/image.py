@@ -36,6 +36,27 @@ def check_budget(budget: int) -> int:
     return budget
 
 
+def default_budget(model_dir: Path | None) -> int:
+    """The checkpoint's own image budget (processor_config.json's image processor
+    ``max_soft_tokens``, or preprocessor_config.json's), else 280 as Google ships."""
+    import json
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir or ".") / name
+        if model_dir is None or not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        value = (raw.get("image_processor") or {}).get(
+            "max_soft_tokens", raw.get("max_soft_tokens")
+        )
+        if value in BUDGETS:
+            return int(value)
+    return DEFAULT_BUDGET
+
+
 def target_size(
     height: int, width: int, budget: int, patch_size: int = PATCH_SIZE, pooling: int = POOLING
 ) -> tuple[int, int]:
@@ -194,6 +215,7 @@ __all__ = [
     "BUDGETS",
     "DEFAULT_BUDGET",
     "check_budget",
+    "default_budget",
     "num_soft_tokens",
     "open_image",
     "preprocess_image",

@@ -302,8 +302,11 @@ def generate(
     image: list[str] = typer.Option(
         [], "--image", help="An image file or http(s) URL (repeatable); shown before the text."
     ),
-    image_tokens: int = typer.Option(
-        280, "--image-tokens", help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120."
+    image_tokens: int | None = typer.Option(
+        None,
+        "--image-tokens",
+        help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120 (default: the checkpoint's "
+        "processor config, else 280).",
     ),
     text_only: bool = typer.Option(
         False,
@@ -363,12 +366,16 @@ def generate(
     for path in audio or []:
         if not path.is_file():  # before the (slow) model load
             raise UserError(f"{path}: no such audio file")
-    if image:
+    if image and image_tokens is not None:
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
     schema = _read_schema(json_schema)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
+    if image and image_tokens is None:
+        from gemma4_mlx.media.image import default_budget
+
+        image_tokens = default_budget(model_dir)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
     if audio:  # one placeholder per file before the text (after the images), as the template
@@ -410,7 +417,7 @@ def generate(
         on_text=stream,
         progress=progress,
         images=image or None,
-        image_tokens=image_tokens,
+        image_tokens=image_tokens or 280,
         audio=list(audio) if audio else None,
         videos=videos or None,
         json_schema=schema,

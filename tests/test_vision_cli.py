@@ -207,3 +207,12 @@ def test_chat_command_image_attachment(tiny_mm_chat, photo_file, capsys, monkeyp
     assert code == 0, err
     assert "attached to the next message" in err and "no such image file" in err
     assert err.count("prefilled") == 2
+
+
+def test_default_budget_comes_from_the_processor_config(tmp_path):
+    from gemma4_mlx.media.image import default_budget
+
+    assert default_budget(tmp_path) == 280
+    config = {"image_processor": {"max_soft_tokens": 560}, "image_seq_length": 560}
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    assert default_budget(tmp_path) == 560

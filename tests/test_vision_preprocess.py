@@ -147,3 +147,14 @@ def test_animated_gif_gives_its_first_frame_as_reference(tmp_path):
     ours = preprocess_images([tmp_path / "a.gif"], 70)
     _assert_same(ours, _reference([Image.open(tmp_path / "a.gif")], 70))
     assert np.array_equal(ours["pixel_values"], preprocess_images([frames[0]], 70)["pixel_values"])
+
+
+def test_truncated_and_oversized_files_are_one_line(tmp_path, monkeypatch):
+    tm.photo(200, 300, 1).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable image"):
+        preprocess_images([tmp_path / "cut.jpg"], 70)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's bomb guard at 2x this
+    with pytest.raises(UserError, match="too large to decode safely"):
+        preprocess_images([tmp_path / "full.jpg"], 70)

@@ -36,6 +36,27 @@ def check_budget(budget: int) -> int:
     return budget
 
 
+def default_budget(model_dir: Path | None) -> int:
+    """The checkpoint's own image budget (processor_config.json's image processor
+    ``max_soft_tokens``, or preprocessor_config.json's), else 280 as Google ships."""
+    import json
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(model_dir or ".") / name
+        if model_dir is None or not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        value = (raw.get("image_processor") or {}).get(
+            "max_soft_tokens", raw.get("max_soft_tokens")
+        )
+        if value in BUDGETS:
+            return int(value)
+    return DEFAULT_BUDGET
+
+
 def target_size(
     height: int, width: int, budget: int, patch_size: int = PATCH_SIZE, pooling: int = POOLING
 ) -> tuple[int, int]:
@@ -124,23 +145,23 @@ def open_image(source: Any) -> Any:
 
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
+    def decode(data: Any, name: Any) -> Any:
         try:
-            image = Image.open(io.BytesIO(fetch_url(source)))
-            image.load()
+            image = Image.open(data)
+            image.load()  # decode now: a truncated file fails here, not later
+        except Image.DecompressionBombError as e:
+            raise UserError(f"{name}: image too large to decode safely ({e})") from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"{source}: not a readable image ({e})") from None
+            raise UserError(f"{name}: not a readable image ({e})") from None
         return image
+
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return decode(io.BytesIO(fetch_url(source)), source)
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"{path}: no such image file")
-        try:
-            image = Image.open(path)
-            image.load()  # decode now: a truncated file fails here, not later
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable image ({e})") from None
-        return image
+        return decode(path, path)
     if isinstance(source, Image.Image) or isinstance(source, np.ndarray):
         return source
     raise UserError(
@@ -194,6 +215,7 @@ __all__ = [
     "BUDGETS",
     "DEFAULT_BUDGET",
     "check_budget",
+    "default_budget",
     "num_soft_tokens",
     "open_image",
     "preprocess_image",

@@ -1,10 +1,10 @@
 """gemma4-mlx: Gemma 4 on MLX with a TurboQuant KV cache.
 
 from gemma4_mlx import load, generate, KVPolicy
-model, tokenizer = load("demo")
-result = generate(model, tokenizer, "The GPL is", max_tokens=32,
-                  kv_policy=KVPolicy("turboquant", bits=3.5))
-print(result.text)
+model, tokenizer = load("demo", kv_policy="turboquant")  # the model's own KV policy
+result = generate(model, tokenizer, "The GPL is", max_tokens=32)
+result = generate(model, tokenizer, "The GPL is", kv_policy=KVPolicy.parse("turboquant:3.5"))
+print(result.text, result.kv_policy)
 """
 
 from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
@@ -20,6 +20,7 @@ __all__ = [
     "Chat",
     "GenerationResult",
     "KVPolicy",
+    "KVPolicyError",
     "SamplingOptions",
     "UserError",
     "generate",
@@ -29,7 +30,11 @@ __all__ = [
 
 # These import mlx_lm (hence transformers, and torch where it is installed): loaded on first use
 # so that importing the package, and `gemma4-mlx --help`, take a fraction of a second.
-_LAZY = {"KVPolicy": "gemma4_mlx.cache", "load": "gemma4_mlx.loading"}
+_LAZY = {
+    "KVPolicy": "gemma4_mlx.cache",
+    "KVPolicyError": "gemma4_mlx.cache",
+    "load": "gemma4_mlx.loading",
+}
 
 
 def __getattr__(name: str):

@@ -2,9 +2,9 @@
 
 One function decides it for every variant. KV-shared consumer layers get nothing (they read
 their producer's keys/values, compressed or not: quantized once, never twice). Sliding layers get
-a ring buffer of ``sliding_window`` tokens (bounded memory; on Gemma 3 270M quantizing them cost
-quality for little memory). Global layers, which hold nearly all KV memory at long context, get
-what the policy says:
+the exact keys/values of their last ``sliding_window`` - 1 + ``max_rewind`` tokens (bounded memory,
+exactly trimmable; on Gemma 3 270M quantizing them cost quality for little memory). Global
+layers, which hold nearly all KV memory at long context, get what the policy says:
 
 - ``exact``: mlx-lm's KVCache, in the model's dtype (float32 / bfloat16 / float16: whatever the
   weights compute in; ``describe(dtype)`` names it). ``fp16`` is accepted as an old name for it;
@@ -36,11 +36,12 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, fields
 from typing import Any
 
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
-from turboquant.cache import tiers_fit
+from gemma4_mlx.kv.cache import DEFAULT_MAX_REWIND, SlidingKVCache
+from turboquant.tiers import tiers_fit
 
 KV_KINDS = ("exact", "affine", "turboquant")
 KIND_ALIASES = {"fp16": "exact"}  # the old name of the exact cache (it was never only fp16)
@@ -64,6 +65,7 @@ EXACT_DTYPES = ("float16", "bfloat16", "float32")
 
 # The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
 # or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
+# A new setting: its field in KVPolicy, a row here, and (if a count) a name in COUNTS.
 SPEC_KEYS = {
     "k": ("key_bits", ("turboquant",)),
     "v": ("value_bits", ("turboquant",)),
@@ -76,17 +78,26 @@ SPEC_KEYS = {
     "exact": ("exact_dtype", ("turboquant",)),
     "seed": ("seed", ("turboquant",)),
     "group": ("group_size", ("affine",)),
+    "rewind": ("max_rewind", ("exact", "affine", "turboquant")),
 }
 FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
+COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
+QUIET = {
+    "exact_dtype": None,
+    "seed": 0,
+    "max_rewind": DEFAULT_MAX_REWIND,
+}  # left out of the text form at these values
 
 
 class KVPolicyError(UserError):
     """A bad KV policy setting: ``field`` is the KVPolicy field, ``key`` its name in the text
-    form, ``reason`` the message without the name (the CLI prefixes the flag it came from)."""
+    form (both in the message), ``reason`` the message without the names (the CLI prefixes the
+    flag it came from)."""
 
     def __init__(self, field: str, reason: str):
         self.field, self.key, self.reason = field, FIELD_KEYS.get(field, field), reason
-        super().__init__(f"KV policy {self.key}: {reason}")
+        name = self.key if self.key == field else f"{self.key} ({field})"
+        super().__init__(f"KV policy {name}: {reason}")
 
 
 def _number(key: str, text: str) -> float:
@@ -133,6 +144,9 @@ class KVPolicy:
     key_tiers: int | None = None
     group_size: int = 64  # affine
     seed: int = 0  # turboquant: rotation seed (each layer adds its index)
+    # sliding and turboquant layers: a trim of up to this many tokens restores the cache
+    # exactly (speculative drafts, prompt-prefix reuse); longer trims raise TrimError
+    max_rewind: int = DEFAULT_MAX_REWIND
     bits: InitVar[float | None] = None
 
     def __post_init__(self, bits: float | None) -> None:
@@ -142,6 +156,10 @@ class KVPolicy:
         set_ = object.__setattr__
         set_(self, "kind", kind)
         self._refuse_unused(bits)
+        rewind = _integer("max_rewind", self.max_rewind)
+        if rewind < 0:
+            raise KVPolicyError("max_rewind", f"must be >= 0, got {rewind}")
+        set_(self, "max_rewind", rewind)
         if kind == "exact":
             return
         if kind == "affine":
@@ -185,7 +203,7 @@ class KVPolicy:
         set_ = object.__setattr__
         if self.codec not in ("mse", "prod"):
             raise KVPolicyError("codec", f"must be mse or prod, got {self.codec!r}")
-        for name in ("fp_window", "sink", "center", "center_block", "seed"):
+        for name in COUNTS:
             value = _integer(name, getattr(self, name))
             if value < 0:
                 raise KVPolicyError(name, f"must be >= 0, got {value}")
@@ -253,6 +271,8 @@ class KVPolicy:
         for item in (i.strip() for i in rest.split(",")) if rest.strip() else ():
             key, eq, value = item.partition("=")
             key, value = key.strip(), value.strip()
+            if not key:
+                raise KVPolicyError("spec", f"an empty or unnamed setting in {text!r}")
             if not eq and key[:1] in ("k", "v") and key[1:] and key[1:2] in "0123456789.":
                 key, value = key[0], key[1:]
             elif not eq:
@@ -275,20 +295,22 @@ class KVPolicy:
         return cls(**options)
 
     def __str__(self) -> str:
+        rewind = "" if self.max_rewind == QUIET["max_rewind"] else f"rewind={self.max_rewind}"
         if self.kind == "exact":
-            return "exact"
+            return "exact" + (f":{rewind}" if rewind else "")
         if self.kind == "affine":
             group = "" if self.group_size == 64 else f",group={self.group_size}"
-            return f"affine:{self.key_bits:g}{group}"
-        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}", f"tiers={self.key_tiers}"]
-        items += [f"sink={self.sink}", f"window={self.fp_window}", f"center={self.center}"]
-        if self.center:
-            items.append(f"block={self.center_block}")
-        items.append(f"codec={self.codec}")
-        if self.exact_dtype:
-            items.append(f"exact={self.exact_dtype}")
-        if self.seed:
-            items.append(f"seed={self.seed}")
+            return f"affine:{self.key_bits:g}{group}" + (f",{rewind}" if rewind else "")
+        items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}"]
+        for key, (name, kinds) in SPEC_KEYS.items():
+            value = getattr(self, name)
+            if self.kind not in kinds or name in ("key_bits", "value_bits"):
+                continue
+            if (name in QUIET and value == QUIET[name]) or (
+                name == "center_block" and not self.center
+            ):
+                continue  # a default said by leaving it out; no blocks without centring
+            items.append(f"{key}={value}")
         return "turboquant:" + ",".join(items)
 
     # -- what make_layer_cache and the reports read ------------------------------------------
@@ -311,8 +333,9 @@ class KVPolicy:
 
     def exact_tokens(self) -> int:
         """The most tokens a turboquant cache holds without compressing any: the sink plus the
-        window, and nothing is compressed before the centring tokens have all arrived."""
-        return self.sink + max(self.fp_window, self.center - 1) + getattr(self, "max_rewind", 0)
+        window, and nothing is compressed before the centring tokens have all arrived (the
+        rewind budget's exact tokens do not count: queries outside their window read codes)."""
+        return self.sink + max(self.fp_window, self.center - 1)
 
     def describe(self, dtype: str | None = None) -> str:
         """In words; ``dtype``: the model's (the exact cache's and turboquant's exact tokens)."""
@@ -379,7 +402,7 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
 
 def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
-        return RotatingKVCache(max_size=config.sliding_window, keep=0)
+        return SlidingKVCache(config.sliding_window, policy.max_rewind)
     if policy.kind == "exact":
         return KVCache()
     if policy.kind == "affine":
@@ -389,7 +412,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
                 f"the affine KV cache needs head_dim divisible by 32, got {spec.head_dim}"
             )
         return QuantizedKVCache(group_size=group, bits=int(policy.resolved_bits()[0]))
-    from turboquant.cache import TurboQuantKVCache
+    from gemma4_mlx.kv.cache import TurboQuantKVCache
     from turboquant.codec import CodecSpec
 
     key_bits, value_bits = policy.resolved_bits()
@@ -412,6 +435,7 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
         center=policy.center,
         center_block=policy.center_block,
         key_tiers=policy.tiers_for(spec.head_dim),
+        max_rewind=policy.max_rewind,
     )
 
 

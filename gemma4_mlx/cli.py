@@ -47,6 +47,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no rich import, no type column for flags
     help="Gemma 4 on MLX with a TurboQuant-compressed KV cache.",
 )
 
@@ -81,6 +82,7 @@ MODEL = typer.Option(
 KV_CACHE = typer.Option(
     None,
     "--kv-cache",
+    metavar="KIND",
     help="KV cache of the global layers: exact (the model's dtype; default) | affine (mlx-lm) | "
     "turboquant (default when a bits option is given).",
 )
@@ -88,14 +90,23 @@ KV_BITS = typer.Option(
     None,
     "--kv-bits",
     parser=finite_float,
+    metavar="BITS",
     help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2) "
     "or the affine bits.",
 )
 KEY_BITS = typer.Option(
-    None, "--key-bits", parser=finite_float, help="TurboQuant key bits (1..8, steps of 0.5)."
+    None,
+    "--key-bits",
+    parser=finite_float,
+    metavar="BITS",
+    help="TurboQuant key bits (1..8, steps of 0.5).",
 )
 VALUE_BITS = typer.Option(
-    None, "--value-bits", parser=finite_float, help="TurboQuant value bits (1..8, steps of 0.5)."
+    None,
+    "--value-bits",
+    parser=finite_float,
+    metavar="BITS",
+    help="TurboQuant value bits (1..8, steps of 0.5).",
 )
 KV_SPEC = typer.Option(
     None,
@@ -190,7 +201,7 @@ def _sampling(model_dir: Path | None, temp, top_p, top_k, min_p, seed):
     return sampling
 
 
-def _load(model: str, dtype: str | None, quiet: bool):
+def _load(model: str, dtype: str | None, quiet: bool, text_only: bool = False):
     from gemma4_mlx.loading import load_model, load_tokenizer, resolve_model_path
 
     if model == "demo" and not Path(model).is_dir():
@@ -198,7 +209,7 @@ def _load(model: str, dtype: str | None, quiet: bool):
 
         ensure_demo_model(progress=None if quiet else _note)
     model_dir = resolve_model_path(model)
-    m, config = load_model(model_dir, dtype=dtype)
+    m, config = load_model(model_dir, dtype=dtype, text_only=text_only)
     return model_dir, m, load_tokenizer(model_dir, config)
 
 
@@ -314,6 +325,43 @@ def generate(
         "their schemas and printed as JSON.",
     ),
     dtype: str | None = DTYPE,
+    image: list[str] = typer.Option(
+        [], "--image", help="An image file or http(s) URL (repeatable); shown before the text."
+    ),
+    image_tokens: int | None = typer.Option(
+        None,
+        "--image-tokens",
+        help="Soft tokens per image: 70 | 140 | 280 | 560 | 1120 (default: the checkpoint's "
+        "processor config, else 280).",
+    ),
+    text_only: bool = typer.Option(
+        False,
+        "--text-only",
+        metavar=FLAG,
+        help="Skip the vision and audio towers (less memory, text only).",
+    ),
+    audio: list[Path] | None = typer.Option(
+        None,
+        "--audio",
+        metavar="PATH",
+        help="Audio file (WAV/FLAC/MP3/M4A/..., or a video's soundtrack) before the prompt; "
+        "repeatable. E2B/E4B only.",
+    ),
+    video: list[str] = typer.Option(
+        [], "--video", help="A video file (repeatable): frames at 70 soft tokens each."
+    ),
+    video_frames: int | None = typer.Option(
+        None, "--video-frames", help="Frames sampled uniformly per video (default 32)."
+    ),
+    video_fps: float | None = typer.Option(
+        None, "--video-fps", help="Sample this many frames per second instead of a count."
+    ),
+    video_audio: bool = typer.Option(
+        False,
+        "--video-audio",
+        metavar=FLAG,
+        help="Also pass each --video file's soundtrack as audio (E2B/E4B).",
+    ),
 ):
     """Generate text from a prompt, streamed to the terminal.
 
@@ -337,13 +385,49 @@ def generate(
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    if prompt_cache_file is not None and prompt_cache_file.is_dir():  # before the model loads
+        raise UserError(f"--prompt-cache-file {prompt_cache_file} is a directory; give a file")
+    if video_audio:
+        if not video:
+            raise UserError("--video-audio needs --video")
+        audio = list(audio or []) + [Path(v) for v in video]
+    for path in audio or []:
+        if not path.is_file():  # before the (slow) model load
+            raise UserError(f"{path}: no such audio file")
+    if image and image_tokens is not None:
+        from gemma4_mlx.media.image import check_budget
+
+        check_budget(image_tokens)
     schema = _read_schema(json_schema)
     tool_list = _read_tools(tools, raw)
-    model_dir, m, tokenizer = _load(model, dtype, quiet=json_out)
+    model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
+    if image and image_tokens is None:
+        from gemma4_mlx.media.image import default_budget
+
+        image_tokens = default_budget(model_dir)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
     if tool_list and "tools" not in (template or ""):
         raise UserError("--tools needs a chat template that declares tools (--chat-template)")
+    if audio:  # one placeholder per file before the text (after the images), as the template
+        from gemma4_mlx.media.audio import audio_placeholder
+        from gemma4_mlx.models.multimodal import check_audio_supported
+
+        check_audio_supported(m)
+        prompt = audio_placeholder(tokenizer, m.media_tokens) * len(audio) + prompt
+    videos = []
+    if image or video:
+        from gemma4_mlx.media import with_image_placeholders
+        from gemma4_mlx.media.video import DEFAULT_FRAMES, load_video
+        from gemma4_mlx.models.multimodal import check_media_supported
+
+        check_media_supported(m)
+        frames = video_frames if video_frames is not None or video_fps else DEFAULT_FRAMES
+        for path in video:
+            videos.append(load_video(path, num_frames=frames, fps=video_fps))
+            if videos[-1].note:
+                _note(f"note: {path}: {videos[-1].note}")
+        prompt = with_image_placeholders(tokenizer, m.media_tokens, prompt, len(image), len(video))
     tokens = build_prompt(
         tokenizer, prompt, system, thinking, raw, tools=tool_list, chat_template=template_text
     )
@@ -365,6 +449,10 @@ def generate(
         prompt_cache_file=prompt_cache_file,
         on_text=stream,
         progress=progress,
+        images=image or None,
+        image_tokens=image_tokens or 280,
+        audio=list(audio) if audio else None,
+        videos=videos or None,
         json_schema=schema,
         thinking=thinking,
         tools=tool_list,
@@ -395,7 +483,7 @@ def _progress_bar():
     return show
 
 
-CHAT_COMMANDS = "/reset, /save [PATH], /quit (start a message with // to send a leading /)"
+CHAT_COMMANDS = "/reset, /save [PATH], /image PATH, /audio PATH, /quit (start a message with // to send a leading /)"
 
 
 @app.command()
@@ -417,7 +505,8 @@ def chat(
     kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
 ):
-    """Multi-turn chat that reuses the KV cache between turns. /reset, /save PATH, /quit.
+    """Multi-turn chat that reuses the KV cache between turns. /image PATH and /audio PATH
+    (E2B/E4B) attach media to the next message; /reset, /save PATH, /quit.
 
     An error in a turn or a command is one line and the conversation goes on; Ctrl-C during an
     answer stops that answer."""
@@ -441,6 +530,7 @@ def chat(
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
+    pending: dict[str, list] = {"audio": [], "images": []}  # media for the next message
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -449,7 +539,8 @@ def chat(
         if not data:
             break
         try:
-            if _chat_line(session, _decode(data, "the line").strip(), max_tokens) == "quit":
+            line = _decode(data, "the line").strip()
+            if _chat_line(session, line, max_tokens, pending) == "quit":
                 break
         except (UserError, OSError) as e:  # one line, and the conversation goes on
             message = e.worded_for(_cli_names()) if isinstance(e, BadArgument) else e
@@ -459,7 +550,7 @@ def chat(
             _note("[interrupted: answer stopped]")
 
 
-def _chat_line(session, line: str, max_tokens: int) -> str | None:
+def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) -> str | None:
     """One line of the REPL: a /command or a message. Returns "quit" to end the session."""
     if not line:
         return None
@@ -474,13 +565,36 @@ def _chat_line(session, line: str, max_tokens: int) -> str | None:
             path = argument.strip() or "chat-cache.safetensors"
             session.save(path)
             _note(f"[saved the conversation's KV cache to {path}]")
+        elif command == "/audio":
+            from gemma4_mlx.models.multimodal import check_audio_supported
+
+            check_audio_supported(session.model)
+            path = Path(argument.strip())
+            if not path.is_file():
+                raise UserError(f"{path}: no such audio file")
+            pending["audio"].append(path)
+            _note(f"[{path} goes with the next message]")
+        elif command == "/image":
+            from gemma4_mlx.media.image import open_image
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(session.model)
+            path = argument.strip()
+            open_image(path)  # fail now, not after the next message
+            pending["images"].append(path)
+            _note(f"[{path} attached to the next message]")
         else:
             raise UserError(f"unknown command {command}: the commands are {CHAT_COMMANDS}")
         return None
+    # Attached media go with this message whatever happens to it (an error drops them).
+    audio, pending["audio"] = pending["audio"], []
+    images, pending["images"] = pending["images"], []
     result = session.send(
         line.removeprefix("/"),
         max_tokens=max_tokens,
         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+        audio=audio or None,
+        images=images or None,
     )
     sys.stdout.write("\n")
     _note(
@@ -544,7 +658,9 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights"
+BENCH_HELP = (
+    "quality | needle | speed | memory | distortion | weights | startup | audio | vision | serve"
+)
 
 
 @app.command(
@@ -677,6 +793,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit status 2, Ctrl-C 130."""
     try:
         code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer catches Ctrl-C in a command and returns 130 without a word
+            typer.echo("interrupted", err=True)
         if isinstance(code, int) and code:
             sys.exit(code)
     except BadArgument as e:
@@ -685,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+    except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:

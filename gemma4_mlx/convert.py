@@ -30,7 +30,8 @@ COPY_PATTERNS = (
     "generation_config.json",
     "chat_template*",
     "processor_config.json",
-    "preprocessor_config.json",
+    "preprocessor_config.json",  # image processor + audio feature extractor, token counts
+    "video_preprocessor_config.json",
     "*.jinja",
     "tokenizer.model",
 )
@@ -74,6 +75,8 @@ def _quantize(model: nn.Module, bits: int, group_size: int, mode: str) -> dict:
         if not hasattr(module, "to_quantized") or weight is None or weight.shape[-1] % group_size:
             return False
         rule = keep_high(path, module)
+        if rule is False:  # kept in float (the audio tower)
+            return False
         if isinstance(rule, dict) and mode == "affine" and rule["bits"] > bits:
             overrides[path] = {"group_size": group_size, "bits": rule["bits"]}
             return overrides[path]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ class GenerationResult:
     kv_cache: str = ""  # the KV policy used, in words
     kv_cache_bytes: int = 0
     kv_policy: str = ""  # the KV policy used, in its text form (KVPolicy.parse reads it)
+    image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
+    audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
+    video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -159,7 +163,10 @@ def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
 
 
 def memory_warning(model_dir: Path, model: Any, policy: KVPolicy, context: int) -> str | None:
-    """A warning when weights + KV for ``context`` tokens exceed this machine's memory."""
+    """A warning when weights + KV for ``context`` tokens exceed this machine's memory (none
+    past the model's context: that is an error, raised where the prompt is checked)."""
+    if context > model.config.max_position_embeddings:
+        return None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -247,8 +254,8 @@ def describe_used(model: Any, policy: KVPolicy, n_tokens: int) -> str:
     text = policy.describe(model_dtype(model))
     if policy.kind == "turboquant" and n_tokens <= policy.exact_tokens():
         text += (
-            f" (nothing compressed: all {n_tokens} tokens fit in the exact sink and window, "
-            f"{policy.exact_tokens()} tokens)"
+            f" (nothing compressed: this run's {n_tokens} tokens fit in the "
+            f"{policy.exact_tokens()} it keeps exact)"
         )
     return text
 
@@ -295,6 +302,10 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    images: list[Any] | None = None,
+    image_tokens: int = 280,
+    audio: list[str | Path | Any] | None = None,
+    videos: list[Any] | None = None,
     json_schema: dict | None = None,
     thinking: bool = False,
     tools: list[dict] | None = None,
@@ -306,6 +317,12 @@ def generate(
     this model, built with this policy, for a prefix of this prompt, only the rest is
     prefilled; otherwise (``on_note`` hears why; default: stderr) the prompt is prefilled with
     the requested policy and its cache saved to the file. The result reports the policy used.
+    ``images`` (paths, PIL images or uint8 arrays) fill the prompt's image placeholders, one
+    each (``gemma4_mlx.media.with_image_placeholders``), at ``image_tokens`` soft tokens;
+    ``videos`` (paths, or ``gemma4_mlx.media.video.load_video`` results to choose the frames)
+    fill ``<|video|>`` ones.
+    ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
+    one each; a str prompt without any gets them in front.
     ``json_schema``: the answer (``result.text``) is that schema's JSON, enforced while
     sampling; ``thinking``: a thought block may come first. ``tools``: tool calls are
     constrained to these tools' schemas and parsed into ``result.tool_calls``
@@ -317,8 +334,14 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
+    if images or audio or videos:
+        return _generate_with_media(
+            model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
+            max_tokens, sampling, policy, prompt_cache_file, on_text, progress,
+            json_schema=json_schema, thinking=thinking, tools=tools,
+        )  # fmt: skip
     tokens = prompt_ids(model, tokenizer, prompt)
-    check_context(model, len(tokens), max_tokens)
+    check_context(model, len(tokens), max_tokens)  # the whole prompt, cached part included
     note = on_note or (lambda text: print(f"note: {text}", file=sys.stderr))
     cache, reused = None, 0
     if prompt_cache_file is not None and Path(prompt_cache_file).exists():
@@ -334,7 +357,20 @@ def generate(
         if len(tokens) > 1:
             save_prompt_file(prompt_cache_file, cache, tokens[:-1], model, policy)
         remaining = tokens[-1:]
+    return _generate_from(
+        model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
+        on_text, progress, remaining, json_schema=json_schema, thinking=thinking, tools=tools,
+    )  # fmt: skip
+
+
+def _generate_from(
+    model, tokenizer, tokens, prefilled, max_tokens, sampling, cache, policy, on_text,
+    progress=None, remaining=None, json_schema=None, thinking=False, tools=None,
+) -> GenerationResult:  # fmt: skip
+    """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
+    (default: all but the last token); ``prefilled`` tokens ran through the model."""
     pieces, responses = [], []
+    remaining = tokens[-1:] if remaining is None else remaining
     for response in stream_generate(
         model,
         tokenizer,
@@ -352,7 +388,7 @@ def generate(
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    result = _finish(pieces, responses, len(tokens), len(tokens) - reused, model, policy, cache)
+    result = _finish(pieces, responses, len(tokens), prefilled, model, policy, cache)
     if tools is not None:
         _route_calls(result, tokenizer)
     return result
@@ -374,6 +410,83 @@ def _route_calls(result: GenerationResult, tokenizer: Any) -> None:
     thought = "".join(d.text for d in deltas if d.kind == "reasoning").strip()
     result.thinking = thought or None
     result.tool_calls = [d.call for d in deltas if d.kind == "tool_call"]
+
+
+def _generate_with_media(
+    model, tokenizer, prompt, inputs, max_tokens, sampling, policy, cache_file, on_text, progress,
+    json_schema=None, thinking=False, tools=None,
+) -> GenerationResult:  # fmt: skip
+    """The whole prompt but its last token in one call (soft tokens are written at their
+    placeholders, and an image block is never cut: the 26B/31B overlay needs every block
+    whole), then mlx-lm's loop from the last token."""
+    from gemma4_mlx.media import prepare_media
+
+    if cache_file is not None:
+        raise UserError("prompt_cache_file cannot be combined with images, videos or audio")
+    images, budget, videos, audio = inputs
+    media: dict[str, Any] = {}
+    audio_counts: list[int] = []
+    if audio:
+        tokens, media, audio_counts = audio_prompt(model, tokenizer, prompt, audio)
+    else:
+        tokens = prompt_ids(model, tokenizer, prompt)
+    report: dict[str, Any] = {"image_tokens": [], "video_frames": []}
+    if images or videos:  # after the audio expansion: the token types cover the final ids
+        tokens, visual, report = prepare_media(model, tokenizer, tokens, images, budget, videos)
+        visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
+        media.update(visual)
+    check_context(model, len(tokens), max_tokens)
+    cache = model.make_cache(policy)
+    start = time.perf_counter()
+    model(mx.array([tokens[:-1]]), cache=cache, last_only=True, **media)
+    mx.eval([c.state for c in cache])
+    prefill_s = time.perf_counter() - start  # media encoding included
+    result = _generate_from(
+        model, tokenizer, tokens, len(tokens), max_tokens, sampling, cache, policy, on_text,
+        progress, json_schema=json_schema, thinking=thinking, tools=tools,
+    )  # fmt: skip
+    result.prompt_tps = (len(tokens) - 1) / max(prefill_s, 1e-9)  # mlx-lm saw one token
+    result.audio_tokens = audio_counts
+    result.image_tokens = report["image_tokens"]
+    result.video_frames = report["video_frames"]
+    return result
+
+
+def audio_prompt(
+    model: Any, tokenizer: Any, prompt: str | list[int], audio: list[str | Path | Any]
+) -> tuple[list[int], dict[str, Any], list[int]]:
+    """(prompt ids with each audio item's ``<|audio>`` blocks, the model's audio arguments,
+    soft tokens per 30 s clip)."""
+    from gemma4_mlx.media.audio import (
+        AUDIO_PLACEHOLDER,
+        LogMelConfig,
+        expand_audio_placeholders,
+        prepare_audio,
+    )
+    from gemma4_mlx.models.multimodal import check_audio_supported
+
+    check_audio_supported(model)
+    ids = model.media_tokens
+    if ids.audio is None or ids.boa is None or ids.eoa is None:
+        raise UserError("config.json lacks audio_token_id / boa_token_id / eoa_token_index")
+    prepared = prepare_audio(list(audio), getattr(model, "feature_extractor", LogMelConfig()))
+    if isinstance(prompt, str):
+        pieces = prompt.split(AUDIO_PLACEHOLDER)
+        if len(pieces) == 1:
+            pieces = [""] * len(audio) + pieces
+        tokens = list(tokenizer.encode(pieces[0]))  # BOS as a plain str prompt gets it
+        for piece in pieces[1:]:
+            tokens += [ids.audio] + _encode_plain(tokenizer, piece)
+    else:
+        tokens = list(prompt)
+    tokens = expand_audio_placeholders(tokens, prepared, ids.audio, ids.boa, ids.eoa)
+    media = dict(input_features=prepared.features, input_features_mask=prepared.mask)
+    return tokens, media, list(prepared.token_counts)
+
+
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    return list(tok.encode(text, add_special_tokens=False)) if text else []
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:
@@ -403,6 +516,7 @@ class Chat:
     # None: the tokenizer's own template; a tokenizer without one chats by raw continuation
     # (each message continues the text), the rule of gemma4_mlx.tokenizer.
     chat_template: str | None = None
+    audio: list[Any] = field(default_factory=list)  # every turn's audio inputs, in order
 
     def __post_init__(self) -> None:
         from gemma4_mlx.cache import as_policy, bound_policy
@@ -414,7 +528,7 @@ class Chat:
         self.kv_policy = as_policy(self.kv_policy) or bound_policy(self.model)
 
     def reset(self) -> None:
-        self.messages, self.cache, self.cached_tokens = [], None, []
+        self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
 
     def _next_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
         """(all tokens of the conversation, how many of them the cache already holds).
@@ -452,25 +566,64 @@ class Chat:
         return self.cached_tokens + new, len(self.cached_tokens)
 
     def send(
-        self, text: str, max_tokens: int = 256, on_text: Callable[[str], None] | None = None
+        self,
+        text: str,
+        max_tokens: int = 256,
+        on_text: Callable[[str], None] | None = None,
+        audio: list[str | Path | Any] | None = None,
+        images: list[Any] | None = None,
+        image_tokens: int = 280,
     ) -> GenerationResult:
+        """One user turn; ``audio`` (files or 16 kHz arrays) and ``images`` go before the text,
+        as the chat template places media. Earlier turns' images stay in the KV cache as their
+        soft tokens (a turn that forces a re-prefill raises); earlier audio is read again."""
+        from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
 
         if not isinstance(text, str):
             raise BadArgumentType("text", f"must be a str, got {type(text).__name__}")
         if not text.strip():
             raise BadArgument("text", "is empty")
+        audio = list(audio or [])
         messages = list(self.messages)
         if self.system and not messages:
             messages.append({"role": "system", "content": self.system})
+        text = AUDIO_PLACEHOLDER * len(audio) + text
+        if images:
+            from gemma4_mlx.media import with_image_placeholders
+            from gemma4_mlx.models.multimodal import check_media_supported
+
+            check_media_supported(self.model)
+            text = with_image_placeholders(
+                self.tokenizer, self.model.media_tokens, text, len(images)
+            )
         messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        if common == 0 and any(m.get("images") for m in self.messages):
+            raise UserError("the conversation's images are no longer in the cache: /reset")
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
+        # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
+        turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
         check_max_tokens(max_tokens)
+        media: dict[str, Any] = {}
+        if turn_audio:
+            new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
+        if images:
+            from gemma4_mlx.media import prepare_media
+
+            new, visual, _ = prepare_media(self.model, self.tokenizer, new, images, image_tokens)
+            visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
+            media.update(visual)
+        tokens = tokens[:common] + new
         check_context(self.model, len(tokens), max_tokens)
+        prefilled = len(tokens) - common
         pieces, responses = [], []
         try:
+            if media:
+                self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
+                mx.eval([c.state for c in self.cache])
+                new = new[-1:]
             for r in stream_generate(
                 self.model,
                 self.tokenizer,
@@ -488,13 +641,16 @@ class Chat:
             self.cache, self.cached_tokens = None, []
             raise
         result = _finish(
-            pieces, responses, len(tokens), len(new), self.model, self.kv_policy, self.cache
+            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache
         )
-        self.last_prefilled = len(new)
+        self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
+        if images:
+            messages[-1]["images"] = len(images)
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
+        self.audio = self.audio + audio
         return result
 
     def save(self, path: str | Path) -> None:

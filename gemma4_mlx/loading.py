@@ -148,12 +148,16 @@ def _check_and_load(model: nn.Module, weights: dict[str, mx.array], model_dir: P
 
 
 def load_model(
-    path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False
+    path: str | Path,
+    dtype: str | mx.Dtype | None = None,
+    lazy: bool = False,
+    text_only: bool = False,
 ) -> tuple[nn.Module, ModelConfig]:
-    """An HF-layout or MLX directory -> (model, config). ``dtype`` casts float weights."""
+    """An HF-layout or MLX directory -> (model, config). ``dtype`` casts float weights;
+    ``text_only`` skips the vision tower's weights (less memory, no images)."""
     model_dir = Path(path)
     config = load_config(model_dir)
-    model = build_model(config)
+    model = build_model(config, text_only=text_only)
     weights = model.sanitize(load_weights(model_dir))
     quantization = config.raw.get("quantization")
     if quantization is None and isinstance(config.raw.get("text_config"), dict):
@@ -169,6 +173,10 @@ def load_model(
             for k, v in weights.items()
         }
     _check_and_load(model, weights, model_dir)
+    if getattr(model, "has_audio", False):  # the checkpoint's log-mel settings travel with it
+        from gemma4_mlx.media.audio import log_mel_config
+
+        model.feature_extractor = log_mel_config(model_dir)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
@@ -214,16 +222,17 @@ def load(
     dtype: str | mx.Dtype | None = None,
     lazy: bool = False,
     kv_policy: Any = None,
+    text_only: bool = False,
 ) -> tuple[nn.Module, Any]:
     """mlx-lm-compatible ``load``: a directory, a hub id or ``demo`` -> (model, tokenizer).
 
     ``kv_policy`` (a KVPolicy or its text form, e.g. ``"turboquant"``; default: the exact
     cache) is bound to the model: ``model.make_cache()`` and mlx-lm's ``make_prompt_cache``
-    build it."""
+    build it. ``text_only`` skips the vision and audio towers of a multimodal checkpoint."""
     from gemma4_mlx.cache import as_policy, bind_policy
 
     policy = as_policy(kv_policy)  # a bad policy fails before the weights load
     model_dir = resolve_model_path(path_or_repo)
-    model, config = load_model(model_dir, dtype=dtype, lazy=lazy)
+    model, config = load_model(model_dir, dtype=dtype, lazy=lazy, text_only=text_only)
     bind_policy(model, policy)
     return model, load_tokenizer(model_dir, config)

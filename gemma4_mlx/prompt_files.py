@@ -139,6 +139,35 @@ def read_prompt_file(path: str | Path) -> tuple[dict[str, Any], list[Any], list[
     return arrays, states, classes, metadata
 
 
+def cache_classes() -> dict[str, type]:
+    """The cache classes a prompt-cache file may name: mlx-lm's and ours (mlx-lm's own loader
+    resolves names in its module only, and patching that module is not ours to do)."""
+    import mlx_lm.models.cache as mlx_cache
+
+    from gemma4_mlx.kv.cache import SlidingKVCache, TurboQuantKVCache
+
+    classes = {
+        name: obj
+        for name, obj in vars(mlx_cache).items()
+        if isinstance(obj, type) and hasattr(obj, "from_state")
+    }
+    for cls in (SlidingKVCache, TurboQuantKVCache):
+        classes[cls.__name__] = cls
+    return classes
+
+
+def load_prompt_cache(path: str | Path, return_metadata: bool = False):
+    """mlx-lm's ``load_prompt_cache`` for files that hold our caches too (any file name):
+    the caches, and with ``return_metadata`` the metadata dict."""
+    _, states, classes, metadata = read_prompt_file(path)
+    registry = cache_classes()
+    unknown = [name for name in classes if name not in registry]
+    if unknown:
+        raise UserError(f"{path}: holds a cache of unknown class {unknown[0]!r}")
+    cache = [registry[name].from_state(state) for name, state in zip(classes, states, strict=True)]
+    return (cache, metadata) if return_metadata else cache
+
+
 def load_prompt_file(
     path: str | Path, model: Any, policy: KVPolicy, tokens: list[int]
 ) -> tuple[list[Any] | None, int, str | None]:

@@ -53,3 +53,20 @@ def tool_chat_model(tiny_chat_model, tmp_path_factory):
     from serving import make_tool_model
 
     return make_tool_model(tiny_chat_model, tmp_path_factory.mktemp("tiny-tools") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tiny_chat_model, tmp_path_factory):
+    """The tiny chat model's weights and vocabulary without a chat template: a base model, like
+    the demo (prompts are continued as raw text)."""
+    import json
+    import shutil
+
+    dst = tmp_path_factory.mktemp("tiny-base") / "model"
+    shutil.copytree(tiny_chat_model, dst)
+    for f in dst.glob("chat_template*"):
+        f.unlink()
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst

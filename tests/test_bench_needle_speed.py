@@ -45,10 +45,10 @@ def test_needle_quick_finds_the_key_in_fp32(tmp_path, demo_cache):
 def test_speed_quick_ratios_and_bytes(tmp_path, demo_cache):
     result = _run("speed.py", tmp_path, demo_cache)
     rows = result["results"]
-    assert set(rows) == {"fp32", "affine4", DEFAULT} and result["lengths"] == [512]
+    assert set(rows) == {"fp32", "affine:4", DEFAULT} and result["lengths"] == [512]
     fp32, tq = rows["fp32"]["512"], rows[DEFAULT]["512"]
     assert fp32["prompt_ratio"] == fp32["decode_ratio"] == 1.0
-    for r in (fp32, tq, rows["affine4"]["512"]):
+    for r in (fp32, tq, rows["affine:4"]["512"]):
         assert r["prompt_tps"] > 0 and r["decode_tps"] > 0 and r["context_tokens"] == 512
         # the peak includes the weights (the other settings' caches are subtracted)
         assert r["peak_memory_bytes"] >= result["weights_bytes"]

@@ -46,7 +46,7 @@ def test_quality_quick(tmp_path, demo_cache):
     assert rows["fp32"]["512"]["kl"] == 0.0
     default = rows[result["default"]]["512"]
     assert result["default"] == setting_name(default_policy())
-    assert 0 < default["kl"] < rows["affine4"]["512"]["kl"]
+    assert 0 < default["kl"] < rows["affine:4"]["512"]["kl"]
     assert 0.5 < default["top1"] <= 1 and default["global_bits_per_channel"] < 16
 
 

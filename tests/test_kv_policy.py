@@ -69,6 +69,28 @@ def test_every_policy_round_trips_through_its_text_form(policy):
     assert hash(KVPolicy.parse(str(policy))) == hash(policy)
 
 
+SPEC_WORDS = st.sampled_from(
+    ["k", "v", "k3", "v2.5", "4", "x", "=", ",", ":", "tiers=", "sink=", "window=", "center=",
+     "block=", "codec=", "exact=", "seed=", "group=", "mse", "prod", "-1", "1e400", "nan", ".",
+     "0", "32", "bfloat16", " "]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["exact", "affine", "turboquant", "fp16", "tq", ""]),
+    st.lists(SPEC_WORDS, max_size=8).map("".join) | st.text(max_size=20),
+)
+def test_any_spec_text_parses_or_is_one_policy_error(kind, rest):
+    """--kv SPEC never gives a traceback: a policy, or a KVPolicyError naming a setting."""
+    try:
+        policy = KVPolicy.parse(f"{kind}:{rest}")
+    except KVPolicyError as e:
+        assert e.key and e.reason and "\n" not in str(e)
+    else:
+        assert KVPolicy.parse(str(policy)) == policy
+
+
 def test_bits_are_stored_one_way():
     """``bits=`` is a constructor shorthand: the policy holds key and value bits only."""
     assert KVPolicy("turboquant").resolved_bits() == (3, 2)  # the default
@@ -128,7 +150,8 @@ def test_bad_policy_is_a_value_error_naming_the_field(build, field, words):
         build()
     assert isinstance(info.value, ValueError)
     assert info.value.field == field and words in str(info.value)
-    assert str(info.value).startswith(f"KV policy {info.value.key}: ")
+    names = info.value.key if info.value.key == field else f"{info.value.key} ({field})"
+    assert str(info.value).startswith(f"KV policy {names}: ")
     assert "((" not in str(info.value) and "--" not in str(info.value)  # API terms, no tuples
 
 
@@ -157,13 +180,13 @@ def test_mlx_lm_make_prompt_cache_builds_the_bound_policy(tiny_chat_model, spec)
     expected = make_cache(model.config, KVPolicy.parse(spec))
     assert _layout(built) == _layout(expected)
     assert _layout(model.make_cache()) == _layout(expected)
-    quantized = [c for c in built if type(c).__name__ != "RotatingKVCache"]
+    quantized = [c for c in built if type(c).__name__ != "SlidingKVCache"]
     kinds = {"exact": "KVCache", "affine:8": "QuantizedKVCache"}
     assert {type(c).__name__ for c in quantized} == {kinds.get(spec, "TurboQuantKVCache")}
 
 
 def test_load_refuses_a_bad_policy_before_loading(tmp_path):
-    with pytest.raises(KVPolicyError, match="KV policy window: must be >= 0"):
+    with pytest.raises(KVPolicyError, match=r"KV policy window \(fp_window\): must be >= 0"):
         load(str(tmp_path / "missing"), kv_policy="turboquant:window=-1")
     with pytest.raises(TypeError, match="kv_policy must be a KVPolicy or its text form"):
         load(str(tmp_path / "missing"), kv_policy=4)
@@ -182,6 +205,27 @@ def test_generate_takes_a_policy_string_and_reports_it(tiny_chat_model):
     assert exact.kv_policy == "exact" and exact.kv_cache == "exact float32"
 
 
+@pytest.mark.parametrize("spec", ["affine:8", SMALL_TQ])
+def test_mlx_lm_generate_step_on_make_prompt_cache_gives_our_tokens(tiny_chat_model, spec):
+    """mlx-lm's generator with mlx-lm's cache builder runs the bound policy: the tokens and the
+    cache bytes of our generate() with no kv_policy (the bound one, reported)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from gemma4_mlx import generate
+
+    model, tokenizer = load(str(tiny_chat_model), kv_policy=spec)
+    prompt = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]
+    cache = make_prompt_cache(model)
+    theirs = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=8,
+                                               prompt_cache=cache)]  # fmt: skip
+    ours = generate(model, tokenizer, prompt, max_tokens=8)
+    print(f"{spec}: mlx-lm {theirs}, ours {ours.tokens}")
+    assert ours.kv_policy == str(KVPolicy.parse(spec))
+    assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 1
+    assert sum(getattr(c, "nbytes", 0) for c in cache) == ours.kv_cache_bytes
+
+
 def _prefilled(model, tokens, policy):
     cache = model.make_cache(KVPolicy.parse(policy))
     model(mx.array([tokens]), cache=cache)
@@ -191,12 +235,13 @@ def _prefilled(model, tokens, policy):
 
 @pytest.mark.parametrize("spec", ["exact", "affine:8", SMALL_TQ])
 def test_mlx_lm_save_and_load_prompt_cache_round_trip(tiny_checkpoints, tmp_path, spec):
-    """mlx-lm's save_prompt_cache writes our caches; its load_prompt_cache reads mlx-lm's cache
-    classes, and gemma4_mlx.prompt_files the rest (mlx-lm resolves classes in its own module
-    only): the next token's logits are identical."""
+    """mlx-lm's save_prompt_cache writes our caches; gemma4_mlx.prompt_files reads them back
+    (mlx-lm's load_prompt_cache resolves classes in its own module only, so it reads files of
+    mlx-lm's classes alone): the next token's logits are identical."""
+    from mlx_lm.models import cache as mlx_cache
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-    from gemma4_mlx.prompt_files import read_prompt_file
+    from gemma4_mlx.prompt_files import load_prompt_cache as our_load
 
     path, _ = tiny_checkpoints("e2b")
     model, _ = load_model(path)
@@ -204,13 +249,14 @@ def test_mlx_lm_save_and_load_prompt_cache_round_trip(tiny_checkpoints, tmp_path
     cache = _prefilled(model, tokens, spec)
     file = str(tmp_path / "cache.safetensors")
     save_prompt_cache(file, cache, {"note": "x"})
+    loaded, meta = our_load(file, return_metadata=True)
+    assert meta == {"note": "x"}
     if spec == SMALL_TQ:
-        _, states, classes, meta = read_prompt_file(file)
-        assert classes == [type(c).__name__ for c in cache] and meta == {"note": "x"}
-        loaded = [type(c).from_state(s) for c, s in zip(cache, states, strict=True)]
-        assert any(c.n_quantized > c.n_sink for c in loaded if hasattr(c, "n_quantized"))
-    else:
+        tq = [c for c in loaded if type(c).__name__ == "TurboQuantKVCache"]
+        assert any(c.keys.n_quantized > c.keys.n_sink for c in tq)
+    if all(hasattr(mlx_cache, type(c).__name__) for c in cache):  # mlx-lm: its classes only
         loaded = load_prompt_cache(file)
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
     nxt = mx.array([[50]])
     want, got = model(nxt, cache=cache), model(nxt, cache=loaded)
     print(f"{spec}: max |logit difference| {mx.max(mx.abs(want - got)).item():.3g}")
@@ -283,7 +329,7 @@ def test_summary_names_the_exact_dtype_and_says_when_nothing_is_compressed(tiny_
     assert result["kv_cache"] == "exact float32" and result["kv_policy"] == "exact"
     result = _generate_json(tiny_chat_model, capsys, "--kv", "turboquant:sink=5000")
     assert "sink=5000" in result["kv_policy"]
-    assert "(nothing compressed: all" in result["kv_cache"]
+    assert "(nothing compressed: this run's" in result["kv_cache"]
     result = _generate_json(tiny_chat_model, capsys, "--kv", "turboquant:sink=0,window=0,center=0")
     assert "nothing compressed" not in result["kv_cache"]
 
@@ -295,3 +341,17 @@ def test_main_help_shows_the_user_kv_options_only(capsys):
         assert flag in out
     for gone in ("--kv-window", "--kv-sink", "--kv-center", "--kv-key-tiers", "--kv-codec"):
         assert gone not in out
+
+
+def test_no_memory_warning_past_the_models_context(tiny_chat_model):
+    """A context the model cannot take is the prompt check's error, not a KV memory warning
+    (it used to print a warning of hundreds of thousands of GiB first)."""
+    from pathlib import Path
+
+    from gemma4_mlx.generate import kv_bytes_per_token, memory_warning
+
+    model, _ = load(str(tiny_chat_model))
+    limit = model.config.max_position_embeddings
+    assert memory_warning(Path(tiny_chat_model), model, KVPolicy(), 10**15) is None
+    assert kv_bytes_per_token(model, KVPolicy()) * 10**15 > 2**50  # 1 PiB: it would have warned
+    assert memory_warning(Path(tiny_chat_model), model, KVPolicy(), limit) is None  # tiny: fits

@@ -172,7 +172,7 @@ def _cli_generate(model_dir, path, capsys, *extra):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: d / "sub", "is a directory, not a prompt cache file"),
+        (lambda d: d / "sub", "is a directory; give a file"),
         (lambda d: d / "plain.txt" / "cache.safetensors", "cannot write the prompt cache"),
         (lambda d: d / "plain.txt", "not a prompt cache file"),
         (lambda d: d / "weights.safetensors", "not a prompt cache written by gemma4-mlx"),
@@ -242,3 +242,18 @@ def test_chat_save_errors_keep_the_conversation(tiny_chat_model, tmp_path, capsy
     # what /save wrote is a prompt cache the next run reads
     meta = read_prompt_file(tmp_path / "chat.bin")[3]
     assert meta["policy"] == "exact" and len(json.loads(meta["tokens"])) > 0
+
+
+def test_load_prompt_cache_refuses_an_unknown_cache_class(tmp_path):
+    from mlx_lm.models.cache import KVCache, save_prompt_cache
+
+    from gemma4_mlx.prompt_files import load_prompt_cache
+
+    class SomeoneElsesCache(KVCache):
+        pass
+
+    cache = SomeoneElsesCache()
+    cache.update_and_fetch(mx.zeros((1, 1, 2, 4)), mx.zeros((1, 1, 2, 4)))
+    save_prompt_cache(str(tmp_path / "c.safetensors"), [cache])
+    with pytest.raises(UserError, match="unknown class 'SomeoneElsesCache'"):
+        load_prompt_cache(tmp_path / "c.safetensors")

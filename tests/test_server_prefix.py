@@ -23,25 +23,26 @@ def filled(model, tokens, policy=None):
 
 
 def test_trims_are_exact_only_where_the_cache_says_so(model):
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
+    from mlx_lm.models.cache import KVCache
 
-    short = filled(model, list(range(5, 10)))  # 5 tokens: inside the 8-token sliding window
+    short = filled(model, list(range(5, 10)))
     assert trim_is_exact(short, 2)
-    wrapped = filled(model, list(range(5, 25)))  # 20 tokens: the sliding rings have wrapped
-    assert any(type(c) is RotatingKVCache for c in wrapped)
-    assert not trim_is_exact(wrapped, 1)
+    # sliding rings keep window - 1 + max_rewind tokens: trims within the budget are exact
+    budget = filled(model, list(range(5, 45)), "exact:rewind=4")
+    assert trim_is_exact(budget, 4) and not trim_is_exact(budget, 5)
     exact = KVCache()
     exact.update_and_fetch(mx.zeros((1, 1, 4, 8)), mx.zeros((1, 1, 4, 8)))
     assert trim_is_exact([exact], 3) and not trim_is_exact([exact], 5)
-    turbo = filled(model, list(range(5, 10)), "turboquant")
-    assert not trim_is_exact(turbo, 1)  # never trimmed: a trim is not a cold prefill
+    turbo = filled(model, list(range(5, 45)), "turboquant:window=4,rewind=3")
+    assert trim_is_exact(turbo, 3) and not trim_is_exact(turbo, 4)
 
 
-def test_fetch_prefers_checkpoints_and_never_trims_a_wrapped_cache(model):
+def test_fetch_prefers_checkpoints_and_never_trims_past_the_rewind_budget(model):
     store = PrefixStore(1 << 30)
     prompt = list(range(5, 40))
-    store.insert("k", prompt[:20], filled(model, prompt[:20]), copy_cache=False)
-    store.insert("k", prompt[:30], filled(model, prompt[:30]), copy_cache=False)
+    small = "exact:rewind=2"  # sliding rings that can give back 2 tokens, not 5
+    store.insert("k", prompt[:20], filled(model, prompt[:20], small), copy_cache=False)
+    store.insert("k", prompt[:30], filled(model, prompt[:30], small), copy_cache=False)
     hit = store.fetch("k", prompt[:25] + [99, 98])  # diverges inside the longer entry
     assert (hit.how, hit.reused) == ("checkpoint", 20)
     assert store.fetch("other", prompt).how == "miss"  # another model/policy key
@@ -60,10 +61,20 @@ def test_fetch_trims_only_an_exact_cache(model):
     err = mx.abs(warm - reference).max().item()
     print(f"trimmed reuse vs cold: max logit error {err:.2e}")
     assert err < 1e-4
-    turbo_store = PrefixStore(1 << 30)
-    tokens = [5, 6, 7, 8, 9, 10]
-    turbo_store.insert("t", tokens, filled(model, tokens, "turboquant"), copy_cache=False)
-    assert turbo_store.fetch("t", [5, 6, 7, 20, 21]).how == "miss"
+    # TurboQuant: exact within its rewind budget (a trimmed entry continues as a cold prefill
+    # would), refused beyond it
+    tokens = list(range(5, 45))
+    for spec, how in (("turboquant:window=4", "trimmed"), ("turboquant:window=4,rewind=2", "miss")):
+        turbo_store = PrefixStore(1 << 30)
+        turbo_store.insert("t", tokens, filled(model, tokens, spec), copy_cache=False)
+        hit = turbo_store.fetch("t", tokens[:37] + [99])
+        assert hit.how == how
+        if how == "trimmed":
+            warm = model(mx.array([[99]]), cache=hit.cache)
+            reference = model(mx.array([[99]]), cache=filled(model, tokens[:37], spec))
+            err = mx.abs(warm - reference).max().item()
+            print(f"TurboQuant trimmed reuse vs cold: max logit error {err:.2e}")
+            assert err < 1e-4
 
 
 def test_budget_counts_real_bytes_and_skips_oversized_entries(model):

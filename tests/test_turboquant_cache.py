@@ -6,14 +6,10 @@ import pytest
 import tiny
 
 from gemma4_mlx.cache import KVPolicy
+from gemma4_mlx.kv.cache import TrimError, TurboQuantKVCache
 from gemma4_mlx.loading import load_model
 from turboquant import attention as tq_attention
-from turboquant.cache import (
-    TurboQuantKVCache,
-    load_prompt_cache,
-    plan_tiers,
-    save_prompt_cache,
-)
+from turboquant.cache import load_prompt_cache, plan_tiers, save_prompt_cache
 from turboquant.codec import CodecSpec, decode
 
 
@@ -21,14 +17,21 @@ def _rand(rng, *shape):
     return mx.array(rng.standard_normal(shape).astype(np.float32))
 
 
+def _attend(kv, q, **kwargs):
+    """TurboQuant attention over what ``update_and_fetch`` returned (the K and V views)."""
+    return tq_attention.attention(q, *kv, **kwargs)
+
+
 def _token_means(cache, means, T):
     """(B, H, T, D) float32: the mean token j is centred on, from the cache's block means (only
     compressed tokens' entries matter; the rest clip to the last mean)."""
     if means is None:
         return mx.array(0.0)
-    if not cache.center_block:
+    if not cache.layout.center_block:
         return means.astype(mx.float32)
-    block = np.clip((np.arange(T) - cache.sink) // cache.center_block, 0, means.shape[2] - 1)
+    block = np.clip(
+        (np.arange(T) - cache.layout.sink) // cache.layout.center_block, 0, means.shape[2] - 1
+    )
     return means[:, :, mx.array(block)].astype(mx.float32)
 
 
@@ -38,13 +41,15 @@ def _reference(cache, keys, values, q, scale, window=None):
     from turboquant.codec import encode
 
     T, L = keys.shape[2], q.shape[2]
-    ks, vs = cache.key_spec, cache.value_spec
-    k_mean, v_mean = (_token_means(cache, mean, T) for mean in (cache.key_mean, cache.value_mean))
+    ks, vs = cache.keys.spec, cache.values.spec
+    k_mean, v_mean = (
+        _token_means(cache, mean, T) for mean in (cache.keys.means, cache.values.means)
+    )
     k_q = keys - k_mean
-    if cache.key_order is None:
+    if cache.keys.order is None:
         k_q = decode(encode(k_q, ks), ks) + k_mean
     else:  # key tiers: each head's channels reordered, coded, put back (numpy: plain indexing)
-        order = np.array(cache.key_order)
+        order = np.array(cache.keys.order)
         k_np = np.array(k_q)
         for h in range(k_np.shape[1]):
             part = mx.array(k_np[:, h : h + 1][..., order[h]])
@@ -54,7 +59,9 @@ def _reference(cache, keys, values, q, scale, window=None):
     t = np.arange(T - L, T)[:, None]
     j = np.arange(T)[None, :]
     exact = mx.array(
-        (j < cache.sink) | (t - j <= cache.fp_window) | (t < cache.sink + cache.center)
+        (j < cache.layout.sink)
+        | (t - j <= cache.layout.fp_window)
+        | (t < cache.layout.sink + cache.layout.center)
     )
     visible = (j <= t) if window is None else (j <= t) & (t - j < window)
     groups = q.shape[1] // keys.shape[1]
@@ -105,7 +112,7 @@ def test_attention_with_key_tiers(
     cache = _check_attention(
         n_q_heads, n_kv_heads, fp_window, sink, center, center_block, "mse", key_tiers
     )
-    assert len(cache.key_spec.tiers) == key_tiers and cache.key_order.shape == (n_kv_heads, 64)
+    assert len(cache.keys.spec.tiers) == key_tiers and cache.keys.order.shape == (n_kv_heads, 64)
 
 
 def _check_attention(
@@ -129,15 +136,19 @@ def _check_attention(
         k, v = _rand(rng, 2, n_kv_heads, L, D) * scales + 2, _rand(rng, 2, n_kv_heads, L, D) - 1
         keys = k if keys is None else mx.concatenate([keys, k], axis=2)
         values = v if values is None else mx.concatenate([values, v], axis=2)
-        view, _ = cache.update_and_fetch(k, v)
+        view = cache.update_and_fetch(k, v)
         q = _rand(rng, 2, n_q_heads, L, D)
-        out = view.attend(q, scale=D**-0.5, mask="causal" if L > 1 else None)
+        out = _attend(view, q, scale=D**-0.5, mask="causal" if L > 1 else None)
         ref = _reference(cache, keys, values, q, D**-0.5)
         worst = max(worst, float(mx.abs(out - ref).max()))
-    assert cache.fp_keys.shape[2] == min(fp_window, cache.offset - min(sink, cache.offset))
-    assert (cache.key_mean is None) == (center == 0)
+    # exact copies: the window and max_rewind tokens before it, everything after the sink while
+    # a trim of max_rewind could still go back before the first mean
+    rewind, after_sink = cache.layout.max_rewind, cache.offset - min(sink, cache.offset)
+    held = after_sink if cache.offset - rewind < sink + center else fp_window + rewind
+    assert cache.keys.tail.shape[2] == min(held, after_sink)
+    assert (cache.keys.means is None) == (center == 0)
     if center_block:  # one mean per started block, and the next one once a block is complete
-        assert cache.key_mean.shape[2] == (cache.n_quantized - sink) // center_block + 1
+        assert cache.keys.means.shape[2] == (cache.keys.n_quantized - sink) // center_block + 1
     print(
         f"GQA {n_q_heads}/{n_kv_heads}, window {fp_window}, sink {sink}, centre {center}/"
         f"{center_block}, {codec}, key tiers {key_tiers}: {worst:.2e}"
@@ -165,8 +176,8 @@ def test_chunked_prefill_equals_token_by_token(center_block, key_tiers):
         )
         parts, pos = [], 0
         for n in chunks:
-            view, _ = cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
-            parts.append(view.attend(q[:, :, pos : pos + n], scale=0.2, mask="causal"))
+            view = cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+            parts.append(_attend(view, q[:, :, pos : pos + n], scale=0.2, mask="causal"))
             pos += n
         outs.append(mx.concatenate(parts, axis=2))
     for other in outs[1:]:
@@ -189,14 +200,12 @@ def test_block_means_are_each_previous_blocks_mean():
             CodecSpec(D, 3), CodecSpec(D, 3), sink=sink, center=center, center_block=b
         )
         for start in range(0, T, 37):  # chunks that straddle block boundaries
-            view, _ = cache.update_and_fetch(
-                k[:, :, start : start + 37], v[:, :, start : start + 37]
-            )
-        errors[b] = float(mx.abs(view.attend(q, scale=D**-0.5) - exact).max())
+            view = cache.update_and_fetch(k[:, :, start : start + 37], v[:, :, start : start + 37])
+        errors[b] = float(mx.abs(_attend(view, q, scale=D**-0.5) - exact).max())
     n_blocks = (T - sink) // block + 1  # every started block, the next one once b - 1 is complete
-    assert cache.key_mean.shape == (1, 2, n_blocks, D)
-    for name, x in (("key_mean", k), ("value_mean", v)):
-        means = getattr(cache, name)
+    assert cache.keys.means.shape == (1, 2, n_blocks, D)
+    for stream, x in ((cache.keys, k), (cache.values, v)):
+        means = stream.means
         np.testing.assert_allclose(means[:, :, 0], x[:, :, sink : sink + center].mean(2), atol=1e-5)
         for i in range(1, n_blocks):
             lo = sink + (i - 1) * block
@@ -208,8 +217,8 @@ def test_block_means_are_each_previous_blocks_mean():
 @pytest.mark.parametrize("key_tiers", [0, 3])
 def test_block_means_survive_save_load_and_trim(tmp_path, key_tiers):
     """A cache saved mid-block continues as if never saved; a trim back into the compressed part
-    drops the means of blocks no longer reached and rebuilds the running sum from the codes (with
-    key tiers: decoded in the tiers' channel order, summed in the model's)."""
+    drops the means of blocks no longer reached and restores the running sum exactly (it is kept
+    after each of the last max_rewind compressed tokens)."""
     rng = np.random.default_rng(13)
     D = 64
     make = lambda: TurboQuantKVCache(  # noqa: E731
@@ -227,29 +236,30 @@ def test_block_means_survive_save_load_and_trim(tmp_path, key_tiers):
     path = str(tmp_path / "cache.safetensors")
     save_prompt_cache(path, [cache])
     loaded = load_prompt_cache(path)[0]
-    assert loaded.center_block == 16 and mx.array_equal(loaded.key_sum, cache.key_sum).item()
-    assert loaded.key_spec == cache.key_spec and loaded.key_tiers == key_tiers
+    assert loaded.layout.center_block == 16
+    assert mx.array_equal(loaded.keys.sums, cache.keys.sums).item()
+    assert loaded.keys.spec == cache.keys.spec and loaded.keys.tiers == key_tiers
     if key_tiers:
-        assert mx.array_equal(loaded.key_order, cache.key_order).item()
+        assert mx.array_equal(loaded.keys.order, cache.keys.order).item()
     q = _rand(rng, 1, 2, 1, D)
     outs = []
     for c in (cache, loaded):
-        view, _ = c.update_and_fetch(k[:, :, 45:70], v[:, :, 45:70])
-        outs.append(np.array(view.attend(q, scale=0.1)))
+        view = c.update_and_fetch(k[:, :, 45:70], v[:, :, 45:70])
+        outs.append(np.array(_attend(view, q, scale=0.1)))
     assert np.array_equal(*outs)
-    assert mx.array_equal(cache.key_mean, loaded.key_mean).item()
-    # trim to 40 tokens: 38 compressed are 2 full blocks (means for blocks 0..2) + 6 tokens
-    before = cache.key_mean
+    assert mx.array_equal(cache.keys.means, loaded.keys.means).item()
+    # trim to 40 tokens: 37 compressed are 2 full blocks (means for blocks 0..2) + 3 tokens
+    before = cache.keys.means
     cache.trim(30)
-    assert cache.n_quantized == 40 and cache.key_mean.shape[2] == 3
-    assert mx.array_equal(cache.key_mean, before[:, :, :3]).item()
-    exact_sum = k[:, :, 34:40].sum(2, keepdims=True)  # block 2 = positions [34, 50)
-    assert float(mx.abs(cache.key_sum - exact_sum).max()) < 0.2 * float(mx.abs(exact_sum).max())
+    assert cache.keys.n_quantized == 37 and cache.keys.means.shape[2] == 3
+    assert mx.array_equal(cache.keys.means, before[:, :, :3]).item()
+    exact_sum = k[:, :, 34:37].sum(2, keepdims=True)  # block 2 = positions [34, 50)
+    assert float(mx.abs(cache.keys.sums[:, :, -1:] - exact_sum).max()) < 1e-5
     cache.update_and_fetch(k[:, :, 40:80], v[:, :, 40:80])  # the next block's mean is built again
-    assert cache.key_mean.shape[2] == (cache.n_quantized - 2) // 16 + 1
-    err = float(mx.abs(cache.key_mean[:, :, 3] - k[:, :, 34:50].mean(2)).max())
-    print(f"key tiers {key_tiers}: max |rebuilt mean - exact mean| {err:.3f}")
-    assert err < 0.08  # 6 of the block's 16 tokens come back from 4-bit codes
+    assert cache.keys.means.shape[2] == (cache.keys.n_quantized - 2) // 16 + 1
+    err = float(mx.abs(cache.keys.means[:, :, 3] - k[:, :, 34:50].mean(2)).max())
+    print(f"key tiers {key_tiers}: max |rebuilt mean - exact mean| {err:.2e}")
+    assert err < 1e-5
 
 
 def test_centring_cuts_the_error_of_keys_that_share_a_mean():
@@ -264,8 +274,8 @@ def test_centring_cuts_the_error_of_keys_that_share_a_mean():
     errors, sizes = {}, {}
     for center in (0, 64):
         cache = TurboQuantKVCache(CodecSpec(D, 3), CodecSpec(D, 3), sink=4, center=center)
-        view, _ = cache.update_and_fetch(k, v)
-        errors[center] = float(mx.abs(view.attend(q, scale=D**-0.5) - exact).max())
+        view = cache.update_and_fetch(k, v)
+        errors[center] = float(mx.abs(_attend(view, q, scale=D**-0.5) - exact).max())
         sizes[center] = cache.nbytes
     print(f"max |error| uncentred {errors[0]:.4f}, centred {errors[64]:.4f}")
     assert errors[64] < 0.7 * errors[0]
@@ -279,11 +289,10 @@ def test_blocks_and_sliding_window_mask(monkeypatch):
     rng = np.random.default_rng(1)
     D, W = 32, 40
     cache = TurboQuantKVCache(CodecSpec(D, 5), CodecSpec(D, 2), fp_window=3, sink=1)
-    cache.window = W
     k, v = _rand(rng, 1, 2, 300, D), _rand(rng, 1, 2, 300, D)
-    view, _ = cache.update_and_fetch(k, v)
+    view = cache.update_and_fetch(k, v)
     q = _rand(rng, 1, 4, 7, D)
-    out = view.attend(q, scale=0.2)
+    out = _attend(view, q, scale=0.2, sliding_window=W)
     ref = _reference(cache, k, v, q, 0.2, window=W)
     err = float(mx.abs(out - ref).max())
     print(f"300 tokens in 64-token blocks, window {W}: max |diff| {err:.2e}")
@@ -317,11 +326,11 @@ def test_key_tiers_cut_the_error_of_anisotropic_keys():
     for tiers in (0, 4):
         cache = TurboQuantKVCache(CodecSpec(D, 3), CodecSpec(D, 8), center=16, key_tiers=tiers)
         cache.update_and_fetch(k[:, :, : T - 8], v[:, :, : T - 8])
-        view, _ = cache.update_and_fetch(k[:, :, T - 8 :], v[:, :, T - 8 :])
-        errors[tiers] = float(mx.abs(view.attend(q, scale=D**-0.5, mask="causal") - exact).mean())
-    strongest = np.array(cache.key_order)[:, :4]
+        view = cache.update_and_fetch(k[:, :, T - 8 :], v[:, :, T - 8 :])
+        errors[tiers] = float(mx.abs(_attend(view, q, scale=D**-0.5, mask="causal") - exact).mean())
+    strongest = np.array(cache.keys.order)[:, :4]
     assert all(set(strongest[h]) <= set(np.argsort(np.array(perm[h]))[:16]) for h in range(2))
-    assert cache.key_spec.bits == 3 and len(cache.key_spec.tiers) == 4
+    assert cache.keys.spec.bits == 3 and len(cache.keys.spec.tiers) == 4
     print(f"mean |error| one rotation {errors[0]:.4f}, 4 tiers {errors[4]:.4f}")
     assert errors[4] < 0.6 * errors[0]
 
@@ -330,8 +339,8 @@ def test_eight_bit_attention_is_close_to_full_precision():
     rng = np.random.default_rng(2)
     k, v, q = _rand(rng, 1, 2, 200, 128), _rand(rng, 1, 2, 200, 128), _rand(rng, 1, 8, 1, 128)
     cache = TurboQuantKVCache(CodecSpec(128, 8), CodecSpec(128, 8), fp_window=0)
-    view, _ = cache.update_and_fetch(k, v)
-    out = view.attend(q, scale=128**-0.5)
+    view = cache.update_and_fetch(k, v)
+    out = _attend(view, q, scale=128**-0.5)
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5)
     err = float(mx.abs(out - ref).max())
     print(f"8-bit K/V vs float: max |diff| {err:.2e}")
@@ -349,33 +358,50 @@ def test_save_load_and_trim_round_trip(tmp_path):
         center=8,
     )
     cache.update_and_fetch(_rand(rng, 1, 2, 30, 64), _rand(rng, 1, 2, 30, 64))
-    assert cache.fp_keys.dtype == cache.sink_keys.dtype == mx.bfloat16
+    assert cache.keys.tail.dtype == cache.keys.sink.dtype == mx.bfloat16
     q = _rand(rng, 1, 2, 1, 64)
     path = str(tmp_path / "cache.safetensors")
     save_prompt_cache(path, [cache], {"note": "x"})
     loaded, meta = load_prompt_cache(path, return_metadata=True)
-    assert meta == {"note": "x"} and loaded[0].offset == 30 and loaded[0].key_spec == cache.key_spec
-    assert (loaded[0].sink, loaded[0].n_sink, loaded[0].exact_dtype) == (2, 2, mx.bfloat16)
-    assert loaded[0].center == 8 and mx.array_equal(loaded[0].key_mean, cache.key_mean).item()
+    assert (
+        meta == {"note": "x"} and loaded[0].offset == 30 and loaded[0].keys.spec == cache.keys.spec
+    )
+    assert (loaded[0].layout.sink, loaded[0].keys.n_sink, loaded[0].keys.exact_dtype) == (
+        2,
+        2,
+        mx.bfloat16,
+    )
+    assert (
+        loaded[0].layout.center == 8
+        and mx.array_equal(loaded[0].keys.means, cache.keys.means).item()
+    )
     k1, v1 = _rand(rng, 1, 2, 1, 64), _rand(rng, 1, 2, 1, 64)
-    a, _ = cache.update_and_fetch(k1, v1)
-    b, _ = loaded[0].update_and_fetch(k1, v1)
-    assert np.array_equal(np.array(a.attend(q, scale=0.1)), np.array(b.attend(q, scale=0.1)))
-    # trim back past the exact window into the compressed part, then grow again
-    assert cache.is_trimmable() and cache.trim(10) == 10
-    assert cache.offset == 21 and cache.n_quantized == 21 and cache.fp_keys.shape[2] == 0
-    view, _ = cache.update_and_fetch(_rand(rng, 1, 2, 6, 64), _rand(rng, 1, 2, 6, 64))
-    assert cache.offset == 27 and cache.n_quantized == 23 and cache.fp_keys.shape[2] == 4
+    a = cache.update_and_fetch(k1, v1)
+    b = loaded[0].update_and_fetch(k1, v1)
+    assert np.array_equal(np.array(_attend(a, q, scale=0.1)), np.array(_attend(b, q, scale=0.1)))
+    # trim back past the exact window into the compressed part: the codes of positions 17..26
+    # are dropped (their exact copies are still held), then grow again
+    assert cache.is_trimmable() and cache.can_trim(10) and cache.trim(10) == 10
+    assert cache.offset == 21 and cache.keys.n_quantized == 17
+    cache.update_and_fetch(_rand(rng, 1, 2, 6, 64), _rand(rng, 1, 2, 6, 64))
+    assert cache.offset == 27 and cache.keys.n_quantized == 23
+    # beyond the budget a trim is refused before anything changes, never silently lossy
+    small = TurboQuantKVCache(CodecSpec(64, 2), CodecSpec(64, 2), fp_window=1, max_rewind=2)
+    small.update_and_fetch(_rand(rng, 1, 2, 10, 64), _rand(rng, 1, 2, 10, 64))
+    assert small.can_trim(2) and not small.can_trim(3) and small.can_trim(10)  # 10: empty again
+    with pytest.raises(TrimError, match="cannot trim 3 of 10 tokens exactly"):
+        small.trim(3)
+    assert small.offset == 10 and small.keys.n_quantized == 9
 
 
 def test_nbytes_counts_real_arrays_and_grows_in_chunks():
-    cache = TurboQuantKVCache(CodecSpec(256, 3.5), CodecSpec(256, 3.5), fp_window=0)
+    cache = TurboQuantKVCache(CodecSpec(256, 3.5), CodecSpec(256, 3.5), fp_window=0, max_rewind=0)
     assert cache.nbytes == 0
     cache.update_and_fetch(mx.ones((1, 1, 10, 256)), mx.ones((1, 1, 10, 256)))
     per_token = 2 * (256 * 3.5 / 8 + 2)  # K and V codes + float16 norms
-    assert cache.nbytes == per_token * cache.step  # storage for one chunk of 256 tokens
+    assert cache.nbytes == per_token * cache.keys.step  # storage for one chunk of 256 tokens
     cache.update_and_fetch(mx.ones((1, 1, 250, 256)), mx.ones((1, 1, 250, 256)))
-    assert cache.nbytes == per_token * 2 * cache.step
+    assert cache.nbytes == per_token * 2 * cache.keys.step
 
 
 @pytest.mark.parametrize("name, key_tiers", [("e2b", 0), ("26b", 0), ("gemma3", 0), ("e2b", 2)])
@@ -398,8 +424,8 @@ def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, tiny_
     cache = model.make_cache(policy)
     tq = greedy(cache)
     tq_caches = [c for c in cache if isinstance(c, TurboQuantKVCache)]
-    assert all(c.n_quantized > c.n_sink for c in tq_caches)
-    assert all(len(c.key_spec.tiers) == key_tiers for c in tq_caches)  # tiers read by the model
+    assert all(c.keys.n_quantized > c.keys.n_sink for c in tq_caches)
+    assert all(len(c.keys.spec.tiers) == key_tiers for c in tq_caches)  # tiers read by the model
     print(f"{name}: fp {fp}\n{name}: tq {tq}")
     assert tq == fp
 
@@ -411,6 +437,6 @@ def test_kv_shared_consumers_read_the_producers_compressed_cache(tiny_checkpoint
     cache = model.make_cache(KVPolicy("turboquant", bits=4, fp_window=0, center=0))
     assert len(cache) == config.text.first_kv_shared_layer == 5
     assert sum(isinstance(c, TurboQuantKVCache) for c in cache) == 1  # layer 4, the global producer
-    assert cache[4].center_block == 0  # centring off: the default's block size is moot
+    assert cache[4].layout.center_block == 0  # centring off: the default's block size is moot
     model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
     assert cache[4].offset == 5

@@ -7,7 +7,18 @@ import argparse
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("quality", "needle", "speed", "memory", "distortion", "weights", "startup", "serve")
+BENCHMARKS = (
+    "quality",
+    "needle",
+    "speed",
+    "memory",
+    "distortion",
+    "weights",
+    "startup",
+    "audio",
+    "vision",
+    "serve",
+)
 DEFAULT_OUT = Path("benchmarks/results")
 
 

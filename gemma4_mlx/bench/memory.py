@@ -35,7 +35,8 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
 from gemma4_mlx.bench import BenchParser
 from gemma4_mlx.cache import DEFAULT_BITS, KVPolicy
-from turboquant.cache import TurboQuantKVCache
+from gemma4_mlx.kv.cache import TurboQuantKVCache
+from turboquant.attention import attention as tq_attention
 from turboquant.codec import CodecSpec
 
 GiB = 2**30
@@ -104,12 +105,8 @@ def fill(cache, n_tokens: int, n_kv: int, head_dim: int, chunk: int = 4096, seed
         key, k1, k2 = mx.random.split(key, 3)
         keys = mx.random.normal((1, n_kv, n, head_dim), key=k1).astype(mx.bfloat16)
         values = mx.random.normal((1, n_kv, n, head_dim), key=k2).astype(mx.bfloat16)
-        out = cache.update_and_fetch(keys, values)
-        mx.eval(
-            out
-            if not hasattr(out[0], "attend")
-            else [a for e in (cache.keys, cache.values) for a in e.arrays()]
-        )
+        cache.update_and_fetch(keys, values)
+        mx.eval(cache.state)  # everything the cache holds, whatever its kind
         done += n
 
 
@@ -172,11 +169,11 @@ def _peak_growth(fn) -> float:
     return (mx.get_peak_memory() - before) / 2**20
 
 
-def _cases(q, view, q_keys, q_values, keys, values, mask, length) -> dict:
+def _cases(q, kv, q_keys, q_values, keys, values, mask, length) -> dict:
     """The three attention paths over the same context, as thunks."""
     affine_mask = None if mask is None else mask[:, :length]
     return {
-        "turboquant": lambda: view.attend(q, scale=1.0),
+        "turboquant": lambda: tq_attention(q, *kv, scale=1.0),
         "mlx-lm affine4": lambda: quantized_scaled_dot_product_attention(
             q, q_keys, q_values, scale=1.0, mask=affine_mask, group_size=64, bits=4
         ),
@@ -196,14 +193,14 @@ def peak_and_speed(quick: bool) -> list[dict]:
         keys = mx.random.normal((1, n_kv, length, hd)).astype(mx.float32)
         values = mx.random.normal((1, n_kv, length, hd)).astype(mx.float32)
         mx.eval(keys, values)
-        view = tq.update_and_fetch(*(mx.random.normal((1, n_kv, 1, hd)),) * 2)[0]
+        kv = tq.update_and_fetch(*(mx.random.normal((1, n_kv, 1, hd)),) * 2)
         q_keys, q_values = aff.keys, aff.values
         q_keys = tuple(a[..., : aff.offset, :] for a in q_keys)
         q_values = tuple(a[..., : aff.offset, :] for a in q_values)
         for L in (1, 512) if length <= 32 * K else (1,):
             q = mx.random.normal((1, n_q, L, hd))
             mask = None if L == 1 else mx.ones((L, length + 1), dtype=mx.bool_)
-            cases = _cases(q, view, q_keys, q_values, keys, values, mask, length)
+            cases = _cases(q, kv, q_keys, q_values, keys, values, mask, length)
             for name, fn in cases.items():
                 if L > 1 and length > 32 * K and name != "turboquant":
                     continue

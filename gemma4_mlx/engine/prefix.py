@@ -27,14 +27,15 @@ from typing import Any
 def trim_is_exact(cache: list[Any], n: int) -> bool:
     """True when trimming ``n`` tokens off every layer gives what a cold prefill would.
 
-    mlx-lm's KVCache and QuantizedKVCache store every token as it came (a trim moves the
-    offset back); a RotatingKVCache is exact while it has not wrapped (``is_trimmable``). A
-    cache with its own ``trim_is_exact(n)`` answers for itself; anything else (TurboQuant) is
+    Our sliding and TurboQuant caches answer for themselves (``can_trim(n)``: within their
+    ``max_rewind`` budget a trim restores the exact state). mlx-lm's KVCache and
+    QuantizedKVCache store every token as it came (a trim moves the offset back); a
+    RotatingKVCache is exact while it has not wrapped (``is_trimmable``). Anything else is
     never trimmed here."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     for layer in cache:
-        own = getattr(layer, "trim_is_exact", None)
+        own = getattr(layer, "can_trim", None)
         if callable(own):
             if not own(n):
                 return False

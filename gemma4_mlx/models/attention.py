@@ -2,7 +2,7 @@
 
 ``keys`` / ``values`` are whatever ``cache.update_and_fetch`` returned (for a KV-shared consumer,
 what its producer's cache returned): plain arrays, mlx-lm's quantized tuples (QuantizedKVCache),
-or a compressed view that knows how to attend to itself (TurboQuant caches).
+or compressed stream views (TurboQuant caches), never dequantized as a whole.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+from turboquant.attention import attention as turboquant_attention
+from turboquant.stream import StreamView
 
 
 def attend(
@@ -22,8 +25,8 @@ def attend(
     mask: Any = None,
     cache: Any = None,
 ) -> mx.array:  # (B, n_heads, L, D)
-    if hasattr(keys, "attend"):  # a compressed view: never dequantized as a whole
-        return keys.attend(queries, scale=scale, mask=mask)
+    if isinstance(keys, StreamView):  # TurboQuant: blockwise over the codes
+        return turboquant_attention(queries, keys, values, scale=scale, mask=mask)
     # mlx-lm affine-quantized keys: (packed, scales, biases); a list once mlx-lm's
     # load_prompt_cache has restored the cache
     if isinstance(keys, (tuple, list)):

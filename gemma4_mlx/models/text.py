@@ -289,9 +289,12 @@ class TextModel(nn.Module):
         cache=None,
         per_layer_inputs: mx.array | None = None,
         last_only: bool = False,
+        masks: dict[str, Any] | None = None,
     ) -> mx.array:
         """The layer stack over already-scaled embeddings h (B, L, H): the entry point of a
-        multimodal model, whose soft tokens are not scaled by sqrt(H)."""
+        multimodal model, whose soft tokens are not scaled by sqrt(H). ``masks`` (layer type ->
+        mask) replaces the causal/sliding mask of those layer types (the bidirectional image
+        overlay of 26B/31B sliding layers)."""
         cfg = self.config
         per_layer = None
         if self._ple:
@@ -305,7 +308,7 @@ class TextModel(nn.Module):
 
         cache = list(cache) if cache is not None else []
         cache = cache + [None] * (len(self.layers) - len(cache))
-        masks = self._masks(h, cache)
+        masks = {**self._masks(h, cache), **(masks or {})}
         kvs: list[tuple | None] = [None] * len(self.layers)
         # Consumers of shared K/V write no cache, so when only the last position is wanted
         # they run on it alone (an internal fast path of prefill; the output keeps its meaning).
@@ -462,7 +465,8 @@ def normalize_weight_names(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 class MultimodalWrapper(nn.Module):
     """The ``gemma4``/``gemma3`` config wrapper: the decoder under ``language_model`` as in
-    mlx-lm's gemma4.py, so weight names match mlx-lm conversions. Towers come later."""
+    mlx-lm's gemma4.py, so weight names match mlx-lm conversions. Text only: Gemma 3, and Gemma 4
+    without a vision_config or loaded ``text_only`` (models/multimodal.py has the towers)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -499,8 +503,14 @@ class MultimodalWrapper(nn.Module):
         return {"language_model." + k: v for k, v in text.items()}
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """The model for a parsed config.json, following mlx-lm's model protocol."""
+def build_model(config: ModelConfig, text_only: bool = False) -> nn.Module:
+    """The model for a parsed config.json, following mlx-lm's model protocol. A ``gemma4``
+    config with a ``vision_config`` gets its vision tower unless ``text_only``."""
+    media = config.raw.get("vision_config") or config.raw.get("audio_config")
+    if config.model_type == "gemma4" and media and not text_only:
+        from gemma4_mlx.models.multimodal import Gemma4Multimodal
+
+        return Gemma4Multimodal(config)
     if config.model_type in ("gemma4", "gemma3"):
         return MultimodalWrapper(config)
     return CausalLM(config.text)

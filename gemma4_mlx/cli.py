@@ -718,7 +718,10 @@ def serve(
         help="Allow browser requests from this origin (repeatable); none by default.",
     ),
     allowed_host: list[str] = typer.Option(
-        [], "--allowed-host", help="Accept this Host header on a loopback bind (repeatable)."
+        [],
+        "--allowed-host",
+        metavar="HOST",
+        help="Accept this Host header on a loopback bind (repeatable).",
     ),
     max_tokens_cap: int | None = typer.Option(
         None,

@@ -715,6 +715,7 @@ def serve(
     cors_origin: list[str] = typer.Option(
         [],
         "--cors-origin",
+        metavar="URL",
         help="Allow browser requests from this origin (repeatable); none by default.",
     ),
     allowed_host: list[str] = typer.Option(

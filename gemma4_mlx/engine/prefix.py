@@ -1,10 +1,10 @@
 """Prefix reuse across requests: KV checkpoints in a token trie, budgeted by real nbytes.
 
 mlx-lm's ``LRUPromptCache`` trims a longer entry whenever every layer says ``is_trimmable()``
-and drops shorter checkpoints when a trimmable entry arrives. A TurboQuant cache is trimmable
-but not exactly (trimming back past its exact window leaves compressed copies where a cold
-prefill reads exact ones), so that policy would silently change outputs. This store keeps
-mlx-lm's ``PromptTrie`` for the token lookup and decides itself:
+and drops shorter checkpoints when a trimmable entry arrives. A compressed cache can be
+trimmable without the trim being exact (a trim back past its exact copies leaves compressed
+tokens where a cold prefill reads exact ones), so that policy could silently change outputs.
+This store keeps mlx-lm's ``PromptTrie`` for the token lookup and decides itself:
 
 1. the longest stored checkpoint that is a prefix of the prompt (no trim at all);
 2. else a longer entry trimmed back, only when every layer's trim is known exact

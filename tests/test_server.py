@@ -422,3 +422,44 @@ def test_thinking_switches_are_one_switch(client):
     assert all(n > off for n in on) and len(set(on)) == 1
     assert prompt_tokens(reasoning_effort="minimal") == off
     assert prompt_tokens(extra_body={"think": False}) == off
+
+
+def test_demo_model_serves_completions_and_schema_answers(demo_cache):
+    """The real demo weights (Gemma 3 270M, a base model) behind the server: raw completions,
+    and chat through the minimal Gemma 4 turn template with JSON-schema answers that validate."""
+    from gemma4_mlx.demo import ensure_demo_model
+    from gemma4_mlx.loading import load
+    from gemma4_mlx.server import Server, ServerConfig
+    from gemma4_mlx.tokenizer import GEMMA4_TEMPLATE
+
+    model_dir = ensure_demo_model(demo_cache)
+    model, tokenizer = load(model_dir)
+    srv = Server(ServerConfig(port=0, model_id="demo"))
+    try:
+        srv.attach(model, tokenizer, model_dir, chat_template=GEMMA4_TEMPLATE)
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        text = c.completions.create(model="demo", prompt="The GNU General Public", max_tokens=6)
+        assert text.choices[0].text and text.usage.completion_tokens >= 1
+        schema = {
+            "type": "object",
+            "properties": {
+                "license": {"type": "string", "maxLength": 12},
+                "free": {"type": "boolean"},
+            },
+            "required": ["license", "free"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        for seed in range(3):
+            r = c.chat.completions.create(
+                model="demo",
+                messages=[{"role": "user", "content": "Is the GPL a free license?"}],
+                max_tokens=40,
+                temperature=0.7,
+                seed=seed,
+                response_format=fmt,
+            )
+            assert r.choices[0].finish_reason == "stop"
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    finally:
+        srv.close()

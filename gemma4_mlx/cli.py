@@ -491,7 +491,7 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights"
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup"
 
 
 @app.command(

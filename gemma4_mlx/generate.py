@@ -16,13 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-
 from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
 
-# mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
-# transformers (and torch, where it is installed), seconds that `gemma4-mlx --help` must not pay.
+# mlx, mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
+# transformers (and torch, where it is installed), seconds that `gemma4-mlx --help` must not pay,
+# and `import gemma4_mlx` (which imports this module) stays a few milliseconds of stdlib.
 if TYPE_CHECKING:
     from gemma4_mlx.cache import KVPolicy
 
@@ -102,7 +101,7 @@ def prompt_ids(model: Any, tokenizer: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         check_prompt_text(prompt)
         return list(tokenizer.encode(prompt))
-    if isinstance(prompt, mx.array):
+    if hasattr(prompt, "tolist"):  # an mx.array or numpy array of ids
         prompt = prompt.tolist()
     if not isinstance(prompt, (list, tuple)):
         raise BadArgumentType(
@@ -206,6 +205,8 @@ def stream_generate(
     tokens = prompt_ids(model, tokenizer, prompt)
     check_context(model, len(tokens), max_tokens)
     if sampling.seed is not None:
+        import mlx.core as mx
+
         mx.random.seed(sampling.seed)
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
@@ -294,6 +295,8 @@ def generate(
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:
+    import mlx.core as mx
+
     for i in range(0, len(tokens), step):
         model(mx.array([tokens[i : i + step]]), cache=cache)
         mx.eval([c.state for c in cache])

@@ -160,3 +160,17 @@ def test_demo_first_use_shows_progress_on_stderr_but_not_with_json(tmp_path, mon
     assert not (tmp_path / "cache" / "demo" / "fake.gguf").exists()  # nothing half-made left behind
     code, out, err = run_cli([*argv, "--json"], monkeypatch, capsys)
     assert code == 2 and err == "error: conversion stopped here\n"
+
+
+def test_startup_benchmark_writes_its_json(tmp_path):
+    from gemma4_mlx.cli import main
+
+    main(["bench", "startup", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "startup_quick.json").read_text())
+    assert set(result["results"]) == {"help", "argument_error"}
+    assert result["results"]["help"]["exit_status"] == [0]
+    assert result["results"]["argument_error"]["exit_status"] == [2]
+    assert {c["check"] for c in result["checks"]} == {
+        "help under 1.0 s",
+        "argument_error under 1.0 s",
+    }

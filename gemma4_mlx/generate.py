@@ -409,11 +409,11 @@ class Chat:
             messages.append({"role": "system", "content": self.system})
         messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        check_max_tokens(max_tokens)
+        check_context(self.model, len(tokens), max_tokens)  # before the cache is touched
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
         new = tokens[common:]
-        check_max_tokens(max_tokens)
-        check_context(self.model, len(tokens), max_tokens)
         pieces, responses = [], []
         try:
             for r in stream_generate(

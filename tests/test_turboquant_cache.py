@@ -73,16 +73,8 @@ def _reference(cache, keys, values, q, scale, window=None):
 @pytest.mark.parametrize("n_q_heads, n_kv_heads", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize(
     "fp_window, sink, center, center_block",
-    [
-        (0, 0, 0, 0),
-        (5, 0, 0, 0),
-        (0, 2, 0, 0),
-        (3, 4, 0, 0),
-        (0, 0, 6, 0),
-        (3, 2, 10, 0),
-        (0, 0, 3, 5),
-        (3, 2, 4, 7),
-    ],
+    [(0, 0, 0, 0), (5, 0, 0, 0), (0, 2, 0, 0), (3, 4, 0, 0), (0, 0, 6, 0), (3, 2, 10, 0),
+     (0, 0, 3, 5), (3, 2, 4, 7)],
 )
 @pytest.mark.parametrize("codec", ["mse", "prod"])
 def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
@@ -98,9 +90,8 @@ def test_attention_reads_exact_recent_tokens_and_compressed_older_ones(
     "fp_window, sink, center, center_block", [(0, 0, 6, 0), (3, 2, 10, 0), (3, 2, 4, 7)]
 )
 @pytest.mark.parametrize("key_tiers", [2, 3])
-def test_attention_with_key_tiers(
-    n_q_heads, n_kv_heads, fp_window, sink, center, center_block, key_tiers
-):
+def test_attention_with_key_tiers(n_q_heads, n_kv_heads, fp_window, sink, center, center_block,
+                                  key_tiers):
     """Key tiers: queries and the key means follow each head's channel order, so attention
     equals the reference that codes every head's reordered keys with the tiered spec."""
     cache = _check_attention(
@@ -109,9 +100,8 @@ def test_attention_with_key_tiers(
     assert len(cache.key_spec.tiers) == key_tiers and cache.key_order.shape == (n_kv_heads, 64)
 
 
-def _check_attention(
-    n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec, key_tiers=0
-):
+def _check_attention(n_q_heads, n_kv_heads, fp_window, sink, center, center_block, codec,
+                     key_tiers=0):
     rng = np.random.default_rng(0)
     D = 64
     cache = TurboQuantKVCache(
@@ -156,13 +146,8 @@ def test_chunked_prefill_equals_token_by_token(center_block, key_tiers):
     outs = []
     for chunks in ([T], [1] * T, [7, 13, 1, 19]):
         cache = TurboQuantKVCache(
-            CodecSpec(D, 5),
-            CodecSpec(D, 2),
-            fp_window=6,
-            sink=2,
-            center=9,
-            center_block=center_block,
-            key_tiers=key_tiers,
+            CodecSpec(D, 5), CodecSpec(D, 2), fp_window=6, sink=2, center=9,
+            center_block=center_block, key_tiers=key_tiers,
         )
         parts, pos = [], 0
         for n in chunks:
@@ -190,9 +175,7 @@ def test_block_means_are_each_previous_blocks_mean():
             CodecSpec(D, 3), CodecSpec(D, 3), sink=sink, center=center, center_block=b
         )
         for start in range(0, T, 37):  # chunks that straddle block boundaries
-            view, _ = cache.update_and_fetch(
-                k[:, :, start : start + 37], v[:, :, start : start + 37]
-            )
+            view, _ = cache.update_and_fetch(k[:, :, start : start + 37], v[:, :, start : start + 37])
         errors[b] = float(mx.abs(view.attend(q, scale=D**-0.5) - exact).max())
     n_blocks = (T - sink) // block + 1  # every started block, the next one once b - 1 is complete
     assert cache.key_mean.shape == (1, 2, n_blocks, D)
@@ -214,12 +197,7 @@ def test_block_means_survive_save_load_and_trim(tmp_path, key_tiers):
     rng = np.random.default_rng(13)
     D = 64
     make = lambda: TurboQuantKVCache(  # noqa: E731
-        CodecSpec(D, 4),
-        CodecSpec(D, 3),
-        fp_window=3,
-        sink=2,
-        center=4,
-        center_block=16,
+        CodecSpec(D, 4), CodecSpec(D, 3), fp_window=3, sink=2, center=4, center_block=16,
         key_tiers=key_tiers,
     )
     k, v = _rand(rng, 1, 2, 80, D) + 1, _rand(rng, 1, 2, 80, D)

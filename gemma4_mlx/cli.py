@@ -785,6 +785,17 @@ def serve(
 def _cli_names() -> dict[str, str]:
     """API argument name -> how the CLI names it, for ``BadArgument`` messages."""
     names = {"prompt": "the prompt", "text": "the message", "thinking": "--thinking"}
+    # KVPolicy's fields, where they differ from the options that set them
+    names.update(
+        kind="--kv-cache",
+        bits="--kv-bits",
+        codec="--kv-codec",
+        fp_window="--kv-window",
+        sink="--kv-sink",
+        center="--kv-center",
+        center_block="--kv-center-block",
+        key_tiers="--kv-key-tiers",
+    )
     for command in typer.main.get_command(app).commands.values():
         for param in command.params:
             long = [o for o in param.opts if o.startswith("--")]

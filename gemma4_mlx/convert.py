@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.errors import UserError
+from gemma4_mlx.errors import BadArgument, UserError
 
 SHARD_BYTES = 5 * 2**30
 Q_MODES = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "nvfp4": (4,), "mxfp8": (8,)}
@@ -58,13 +58,25 @@ def _released_form(text: dict) -> dict:
     return text
 
 
-def _quantize(model: nn.Module, bits: int, group_size: int, mode: str) -> dict:
+def _one_of(values) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def check_quantization(bits: int, group_size: int, mode: str) -> None:
+    """Refuse a quantization setting before any weight is read."""
     if mode not in Q_MODES:
-        raise UserError(f"--q-mode must be one of {', '.join(Q_MODES)}, got {mode!r}")
+        raise BadArgument("q_mode", f"must be {_one_of(Q_MODES)}, got {mode!r}")
     if bits not in Q_MODES[mode]:
-        raise UserError(f"--q-bits {bits} is not available with --q-mode {mode} ({Q_MODES[mode]})")
+        raise BadArgument(
+            "q_bits", f"{bits} is not available with {mode} (choose {_one_of(Q_MODES[mode])})"
+        )
     if mode == "affine" and group_size not in (32, 64, 128):
-        raise UserError(f"--q-group-size must be 32, 64 or 128, got {group_size}")
+        raise BadArgument("q_group_size", f"must be 32, 64 or 128, got {group_size}")
+
+
+def _quantize(model: nn.Module, bits: int, group_size: int, mode: str) -> dict:
+    check_quantization(bits, group_size, mode)
     if mode != "affine":
         group_size = 16 if mode == "nvfp4" else 32
     overrides: dict[str, Any] = {}
@@ -124,6 +136,8 @@ def convert(
 ) -> Path:
     from gemma4_mlx.loading import load_model, resolve_model_path
 
+    if quantize:
+        check_quantization(q_bits, q_group_size, q_mode)
     out = Path(mlx_path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file, not a model directory (--force only replaces those)")

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-
 from gemma4_mlx.errors import BadArgument, BadArgumentType, UserError
 from gemma4_mlx.tokenizer import ParsedOutput, parse_output
 
-# mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
-# transformers (and torch, where it is installed), seconds that `gemma4-mlx --help` must not pay.
+# mlx, mlx_lm and gemma4_mlx.cache are imported where they are used: importing mlx_lm imports
+# transformers (and torch, where it is installed), seconds that `gemma4-mlx --help` must not pay,
+# and `import gemma4_mlx` (which imports this module) stays a few milliseconds of stdlib.
 if TYPE_CHECKING:
     from gemma4_mlx.cache import KVPolicy
 
@@ -107,7 +106,7 @@ def prompt_ids(model: Any, tokenizer: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         check_prompt_text(prompt)
         return list(tokenizer.encode(prompt))
-    if isinstance(prompt, mx.array):
+    if hasattr(prompt, "tolist"):  # an mx.array or numpy array of ids
         prompt = prompt.tolist()
     if not isinstance(prompt, (list, tuple)):
         raise BadArgumentType(
@@ -145,6 +144,8 @@ def generation_defaults(model_dir: Path | None) -> dict:
 
 def kv_bytes_per_token(model: Any, policy: KVPolicy) -> float:
     """Estimated KV bytes per token of context (global layers; sliding layers are bounded)."""
+    import mlx.core as mx
+
     from gemma4_mlx.cache import cache_layers, model_dtype
 
     config = model.config
@@ -226,6 +227,8 @@ def stream_generate(
     tokens = prompt_ids(model, tokenizer, prompt)
     check_context(model, len(tokens), max_tokens)
     if sampling.seed is not None:
+        import mlx.core as mx
+
         mx.random.seed(sampling.seed)
     processors = None
     if json_schema is not None or tools is not None:
@@ -419,6 +422,8 @@ def _generate_with_media(
     """The whole prompt but its last token in one call (soft tokens are written at their
     placeholders, and an image block is never cut: the 26B/31B overlay needs every block
     whole), then mlx-lm's loop from the last token."""
+    import mlx.core as mx
+
     from gemma4_mlx.media import prepare_media
 
     if cache_file is not None:
@@ -490,6 +495,8 @@ def _encode_plain(tokenizer: Any, text: str) -> list[int]:
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:
+    import mlx.core as mx
+
     for i in range(0, len(tokens), step):
         model(mx.array([tokens[i : i + step]]), cache=cache)
         mx.eval([c.state for c in cache])
@@ -577,6 +584,8 @@ class Chat:
         """One user turn; ``audio`` (files or 16 kHz arrays) and ``images`` go before the text,
         as the chat template places media. Earlier turns' images stay in the KV cache as their
         soft tokens (a turn that forces a re-prefill raises); earlier audio is read again."""
+        import mlx.core as mx
+
         from gemma4_mlx.media.audio import AUDIO_PLACEHOLDER
 
         if not isinstance(text, str):
@@ -600,12 +609,12 @@ class Chat:
         tokens, common = self._next_tokens(messages)
         if common == 0 and any(m.get("images") for m in self.messages):
             raise UserError("the conversation's images are no longer in the cache: /reset")
+        check_max_tokens(max_tokens)
         if common == 0 or self.cache is None:
-            self.cache, common = self.model.make_cache(self.kv_policy), 0
+            common = 0
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
-        check_max_tokens(max_tokens)
         media: dict[str, Any] = {}
         if turn_audio:
             new, media, _ = audio_prompt(self.model, self.tokenizer, new, turn_audio)
@@ -616,7 +625,9 @@ class Chat:
             visual["mm_token_type_ids"] = visual["mm_token_type_ids"][:, :-1]
             media.update(visual)
         tokens = tokens[:common] + new
-        check_context(self.model, len(tokens), max_tokens)
+        check_context(self.model, len(tokens), max_tokens)  # before the cache is touched
+        if common == 0:
+            self.cache = self.model.make_cache(self.kv_policy)
         prefilled = len(tokens) - common
         pieces, responses = [], []
         try:

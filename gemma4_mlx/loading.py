@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import ModelConfig, load_config
-from gemma4_mlx.errors import UserError
+from gemma4_mlx.errors import BadArgument, UserError
 from gemma4_mlx.models.text import build_model
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def load_model(
     if dtype is not None:
         target = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(target, mx.Dtype):
-            raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            raise BadArgument("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
         weights = {
             k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in weights.items()

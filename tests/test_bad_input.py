@@ -216,7 +216,21 @@ CASES = [
         "convert-q-bits-7",
         ["convert", "--hf-path", "{model}", "--mlx-path", "{tmp}/o", "-q", "--q-bits", "7"],
         b"",
-        "--q-bits 7 is not available",
+        "--q-bits 7 is not available with affine (choose 2, 3, 4, 5, 6 or 8)",
+        None,
+    ),
+    (
+        "convert-q-group-size",
+        ["convert", "--hf-path", "{model}", "--mlx-path", "{tmp}/o", "-q", "--q-group-size", "48"],
+        b"",
+        "--q-group-size must be 32, 64 or 128, got 48",
+        None,
+    ),
+    (
+        "convert-q-mode",
+        ["convert", "--hf-path", "{model}", "--mlx-path", "{tmp}/o", "-q", "--q-mode", "fp3"],
+        b"",
+        "--q-mode must be affine, mxfp4, nvfp4 or mxfp8, got 'fp3'",
         None,
     ),
     (

@@ -160,3 +160,53 @@ def test_demo_first_use_shows_progress_on_stderr_but_not_with_json(tmp_path, mon
     assert not (tmp_path / "cache" / "demo" / "fake.gguf").exists()  # nothing half-made left behind
     code, out, err = run_cli([*argv, "--json"], monkeypatch, capsys)
     assert code == 2 and err == "error: conversion stopped here\n"
+
+
+def test_startup_benchmark_writes_its_json(tmp_path):
+    from gemma4_mlx.cli import main
+
+    main(["bench", "startup", "--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "startup_quick.json").read_text())
+    assert set(result["results"]) == {"help", "argument_error"}
+    assert result["results"]["help"]["exit_status"] == [0]
+    assert result["results"]["argument_error"]["exit_status"] == [2]
+    assert {c["check"] for c in result["checks"]} == {
+        "help under 1.0 s",
+        "argument_error under 1.0 s",
+    }
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(
+    tiny_chat_model, monkeypatch, capsys
+):
+    from gemma4_mlx.generate import Chat
+
+    send = Chat.send
+    calls = []
+
+    def interrupted_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(Chat, "send", interrupted_once)
+    stdin = b"hello\nthe quick\n/quit\n"
+    code, out, err = run_cli(
+        ["chat", "-m", str(tiny_chat_model), "--max-tokens", "3"], monkeypatch, capsys, stdin
+    )
+    lines = err.splitlines()
+    assert code == 0 and lines[0] == "[interrupted: answer stopped]"
+    assert lines[1].startswith("[prefilled")
+
+
+def test_a_failed_chat_turn_leaves_the_cache_consistent(tiny_chat_model):
+    from gemma4_mlx import Chat, load
+
+    model, tokenizer = load(str(tiny_chat_model))
+    chat = Chat(model, tokenizer)
+    chat.send("hello", max_tokens=3)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        chat.send("the quick brown fox " * 300, max_tokens=3)
+    chat.send("the quick", max_tokens=3)
+    assert chat.cache[0].offset == len(chat.cached_tokens)

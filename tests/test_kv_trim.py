@@ -151,3 +151,27 @@ def test_sliding_cache_reads_exactly_its_window_and_trims_within_budget():
     assert worst < 1e-6
     with pytest.raises(TrimError):
         cache.trim(R + 1)
+
+
+@pytest.mark.parametrize("kind", list(POLICIES))
+def test_saved_cache_continues_and_trims_like_the_original(kind, tiny_checkpoints, tmp_path):
+    """mlx-lm's save_prompt_cache writes our caches' state (sliding rings, TurboQuant streams
+    with their exact tails and running sums); loaded, they give the same logits and trims."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    from turboquant.cache import load_prompt_cache
+
+    model, _ = load_model(tiny_checkpoints("e2b")[0])
+    cache = model.make_cache(POLICIES[kind])
+    model(_tokens(PROMPT + 3, 4)[None], cache=cache)
+    path = str(tmp_path / "cache.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    assert [type(c) for c in loaded] == [type(c) for c in cache]
+    drafts, follow = _tokens(REWIND, 5), _tokens(3, 6)
+    outs = []
+    for c in (cache, loaded):
+        first = model(drafts[None], cache=c)
+        assert trim_prompt_cache(c, REWIND) == REWIND
+        outs.append(mx.concatenate([first, *_continue(model, c, follow)], axis=1))
+    assert mx.array_equal(*outs).item()

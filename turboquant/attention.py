@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from turboquant.codec import decode_rotated, rotate, unrotate
+from turboquant.codec import Encoded, decode_rotated, rotate, unrotate
 from turboquant.stream import StreamView
 
 SCORE_BUDGET = 1 << 22  # floats in one block of scores (16 MiB in float32)
@@ -92,10 +92,20 @@ def _mean_onehot(layout, n_sink: int, start: int, stop: int) -> tuple[mx.array, 
     return onehot, first, last + 1
 
 
+def _after(enc: Encoded, s: Softmax) -> Encoded:
+    """``enc`` made to wait for the blocks before it (their accumulated values), so that the
+    lazily built graph decodes one block at a time: the transient stays one block, as with an
+    evaluation per block, without a sync in the forward pass."""
+    arrays = mx.depends(enc.arrays(), [s.acc_rot, s.acc_exact, s.denom])
+    n = len(enc.codes)
+    extra = arrays[n + 1 :] if enc.signs is not None else (None, None)
+    return Encoded(tuple(arrays[:n]), arrays[n], *extra)
+
+
 def _compressed_block(s: Softmax, qs: _Queries, q_rot, keys, values, means, start, stop):
     """Fold compressed tokens [start, stop) in. ``means``: the rotated key and value means."""
-    k_dec = decode_rotated(keys.block(start, stop), keys.spec)  # (B, n_kv, T, D)
-    v_dec = decode_rotated(values.block(start, stop), values.spec)
+    k_dec = decode_rotated(_after(keys.block(start, stop), s), keys.spec)  # (B, n_kv, T, D)
+    v_dec = decode_rotated(_after(values.block(start, stop), s), values.spec)
     through_scores = False
     if means is not None:
         # With few query rows (decode) the means enter through the scores and the softmax

@@ -159,7 +159,7 @@ def test_saved_cache_continues_and_trims_like_the_original(kind, tiny_checkpoint
     with their exact tails and running sums); loaded, they give the same logits and trims."""
     from mlx_lm.models.cache import save_prompt_cache
 
-    from turboquant.cache import load_prompt_cache
+    from gemma4_mlx.prompt_files import load_prompt_cache
 
     model, _ = load_model(tiny_checkpoints("e2b")[0])
     cache = model.make_cache(POLICIES[kind])

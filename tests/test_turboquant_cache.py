@@ -4,13 +4,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import tiny
+from mlx_lm.models.cache import save_prompt_cache
 
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.kv.cache import TrimError, TurboQuantKVCache
 from gemma4_mlx.loading import load_model
+from gemma4_mlx.prompt_files import load_prompt_cache
 from turboquant import attention as tq_attention
-from turboquant.cache import load_prompt_cache, plan_tiers, save_prompt_cache
 from turboquant.codec import CodecSpec, decode
+from turboquant.tiers import plan_tiers
 
 
 def _rand(rng, *shape):
@@ -229,6 +231,7 @@ def test_block_means_survive_save_load_and_trim(tmp_path, key_tiers):
         center=4,
         center_block=16,
         key_tiers=key_tiers,
+        max_rewind=32,  # the trim below takes back 30 tokens
     )
     k, v = _rand(rng, 1, 2, 80, D) + 1, _rand(rng, 1, 2, 80, D)
     cache = make()

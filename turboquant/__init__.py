@@ -3,6 +3,6 @@
 Tensors in, tensors out: ``codec`` (rotation, codebooks, packing), ``tiers`` (the key channel
 plan), ``stream`` (a compressed stream of one tensor: exact sink | codes | exact tail, exactly
 trimmable within ``max_rewind``) and ``attention`` (blockwise online softmax over two stream
-views). It imports neither mlx_lm nor gemma4_mlx (``cache``'s two prompt-file functions do, when
-called, until they move to gemma4_mlx); the mlx-lm cache protocol is gemma4_mlx.kv.cache.
+views). It imports neither mlx_lm nor gemma4_mlx: the mlx-lm cache protocol is
+gemma4_mlx.kv.cache, prompt-cache files are gemma4_mlx.prompt_files.
 """

@@ -145,6 +145,19 @@ KV_FLAGS = {"kind": "--kv-cache", "bits": "--kv-bits", "key_bits": "--key-bits"}
 KV_FLAGS["value_bits"] = "--value-bits"
 
 
+DRAFT_MODEL = typer.Option(
+    None,
+    "--draft-model",
+    help="Speculative decoding: a small gemma4_text/gemma3_text model with the same tokenizer "
+    "drafts tokens the model verifies (same output, greedy: token for token).",
+)
+NUM_DRAFT_TOKENS = typer.Option(
+    None,
+    "--num-draft-tokens",
+    help="Tokens the draft model proposes per step (default 3; at most the KV cache's rewind).",
+)
+
+
 def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec):
     """The KV policy the KV options say, checked before the model loads. One rule for bits
     (mlx-lm's: ``--kv-bits`` turns quantization on): a bits option without ``--kv-cache``
@@ -305,6 +318,8 @@ def generate(
     video_fps: float | None = typer.Option(
         None, "--video-fps", help="Sample this many frames per second instead of a count."
     ),
+    draft_model: str | None = DRAFT_MODEL,
+    num_draft_tokens: int | None = NUM_DRAFT_TOKENS,
 ):
     """Generate text from a prompt, streamed to the terminal.
 
@@ -335,7 +350,18 @@ def generate(
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
+    if num_draft_tokens is not None:
+        from gemma4_mlx.speculative import check_num_draft_tokens
+
+        check_num_draft_tokens(num_draft_tokens)
+        if draft_model is None:
+            raise UserError("--num-draft-tokens needs --draft-model")
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
+    draft = None
+    if draft_model is not None:
+        from gemma4_mlx.speculative import load_draft
+
+        draft = load_draft(draft_model, dtype=dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
     if audio:  # one placeholder per file before the text (after the images), as the template
@@ -380,15 +406,24 @@ def generate(
         image_tokens=image_tokens,
         audio=list(audio) if audio else None,
         videos=videos or None,
+        draft_model=draft,
+        num_draft_tokens=num_draft_tokens,
     )
     if json_out:
         typer.echo(result.to_json())
     else:
         sys.stdout.write("\n")
+        speculative = ""
+        if result.num_draft_tokens:
+            speculative = (
+                f", draft accepted {result.accepted_tokens}/{result.drafted_tokens} "
+                f"({100 * result.acceptance_rate:.0f}%, {result.num_draft_tokens} per step, "
+                f"{len(result.accepted_per_step)} steps)"
+            )
         _note(
             f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} prefilled) at "
             f"{result.prompt_tps:.1f} tok/s, {len(result.tokens)} generated at {result.generation_tps:.1f} tok/s, "
-            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}]"
+            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}{speculative}]"
         )
 
 

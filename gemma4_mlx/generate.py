@@ -46,6 +46,13 @@ class GenerationResult:
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
     audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
     video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
+    # Speculative decoding (gemma4_mlx.speculative): draft tokens per step (0: none), tokens
+    # the draft proposed, tokens the target kept, and how many it kept at each step.
+    num_draft_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    accepted_per_step: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -202,11 +209,19 @@ def stream_generate(
     prompt_cache: list[Any] | None = None,
     kv_policy: KVPolicy | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int | None = None,
+    draft_cache: list[Any] | None = None,
+    stats: Any = None,
 ) -> Iterator[Any]:
     """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
 
     ``kv_policy``: a KVPolicy or its text form (``"turboquant"``); None: the model's bound
-    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is)."""
+    policy. Ignored when ``prompt_cache`` is given (that cache is used as it is).
+    ``draft_model``: speculative decoding (gemma4_mlx.speculative) with ``num_draft_tokens``
+    per step; ``draft_cache`` must then hold what ``prompt_cache`` holds (default: a new one
+    with the draft's bound policy, and then ``prompt_cache`` must be None too); ``stats`` (a
+    SpeculativeStats) hears what the draft did."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -222,6 +237,26 @@ def stream_generate(
         mx.random.seed(sampling.seed)
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
+    if draft_model is not None:
+        from gemma4_mlx.speculative import (
+            DEFAULT_NUM_DRAFT_TOKENS,
+            SpeculativeStats,
+            check_draft_model,
+            speculative_stream,
+        )
+
+        check_draft_model(model, draft_model)
+        n_draft = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+        if draft_cache is None:
+            if prompt_cache is not None:
+                raise BadArgument("draft_cache", "must be given with prompt_cache")
+            draft_cache = draft_model.make_cache()
+        stats = stats if stats is not None else SpeculativeStats(n_draft)
+        yield from speculative_stream(
+            model, tokenizer, tokens, draft_model, n_draft, max_tokens, sampler, cache,
+            draft_cache, stats,
+        )  # fmt: skip
+        return
     yield from mlx_stream_generate(
         model,
         tokenizer,
@@ -255,12 +290,23 @@ def _finish(
     model: Any,
     policy: KVPolicy,
     cache: list[Any],
+    stats: Any = None,
 ) -> GenerationResult:
     raw = "".join(pieces)
     parsed: ParsedOutput = parse_output(raw)
     last = responses[-1]
     n_tokens = n_prompt + len(responses)
+    speculative = {}
+    if stats is not None:
+        speculative = dict(
+            num_draft_tokens=stats.num_draft_tokens,
+            drafted_tokens=stats.drafted,
+            accepted_tokens=stats.accepted,
+            acceptance_rate=stats.acceptance_rate,
+            accepted_per_step=list(stats.accepted_per_step),
+        )
     return GenerationResult(
+        **speculative,
         text=parsed.text,
         thinking=parsed.thinking,
         tool_calls=parsed.tool_calls,
@@ -293,6 +339,8 @@ def generate(
     image_tokens: int = 280,
     audio: list[str | Path | Any] | None = None,
     videos: list[Any] | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -306,6 +354,10 @@ def generate(
     ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
     ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
     one each; a str prompt without any gets them in front.
+    ``draft_model`` (a loaded model sharing the tokenizer; gemma4_mlx.speculative.load_draft):
+    speculative decoding, ``num_draft_tokens`` per step (default DEFAULT_NUM_DRAFT_TOKENS),
+    refused when that exceeds what the KV cache can rewind; the result reports drafted and
+    accepted tokens. The output is the one plain decoding gives (the same tokens when greedy).
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -313,6 +365,16 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
+    draft = None
+    if draft_model is not None:
+        from gemma4_mlx.speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens
+
+        if images or audio or videos:
+            raise UserError("speculative decoding (a draft model) is for text prompts only")
+        if num_draft_tokens is None:
+            num_draft_tokens = DEFAULT_NUM_DRAFT_TOKENS
+        check_num_draft_tokens(num_draft_tokens)
+        draft = (draft_model, num_draft_tokens)
     if images or audio or videos:
         return _generate_with_media(
             model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
@@ -328,6 +390,11 @@ def generate(
             note(why)
     if cache is None:
         cache = model.make_cache(policy)
+    if draft is not None:  # before any work: a draft the cache cannot rewind is refused
+        from gemma4_mlx.speculative import check_rewind
+
+        check_rewind(cache, draft[1], "target's")
+        check_rewind(draft[0].make_cache(), draft[1] - 1, "draft model's")
     remaining = tokens[reused:]
     if prompt_cache_file is not None and reused == 0:
         # Prefill the prompt once, save it, then generate from the saved state.
@@ -337,26 +404,42 @@ def generate(
         remaining = tokens[-1:]
     return _generate_from(
         model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
-        on_text, progress, remaining,
+        on_text, progress, remaining, draft,
     )  # fmt: skip
 
 
 def _generate_from(
     model, tokenizer, tokens, prefilled, max_tokens, sampling, cache, policy, on_text,
-    progress=None, remaining=None,
+    progress=None, remaining=None, draft=None,
 ) -> GenerationResult:  # fmt: skip
     """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
-    (default: all but the last token); ``prefilled`` tokens ran through the model."""
+    (default: all but the last token); ``prefilled`` tokens ran through the model.
+    ``draft``: (draft model, draft tokens per step) for speculative decoding."""
     pieces, responses = [], []
     remaining = tokens[-1:] if remaining is None else remaining
+    spec: dict[str, Any] = {}
+    if draft is not None:
+        from gemma4_mlx.speculative import SpeculativeStats
+
+        draft_model, n_draft = draft
+        draft_cache = draft_model.make_cache()
+        _prefill(draft_model, draft_cache, tokens[: len(tokens) - len(remaining)])
+        spec = dict(
+            draft_model=draft_model,
+            num_draft_tokens=n_draft,
+            draft_cache=draft_cache,
+            stats=SpeculativeStats(n_draft),
+        )
     for response in stream_generate(
-        model, tokenizer, remaining, max_tokens, sampling, cache, policy, progress
+        model, tokenizer, remaining, max_tokens, sampling, cache, policy, progress, **spec
     ):
         pieces.append(response.text)
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    return _finish(pieces, responses, len(tokens), prefilled, model, policy, cache)
+    return _finish(
+        pieces, responses, len(tokens), prefilled, model, policy, cache, spec.get("stats")
+    )
 
 
 def _generate_with_media(

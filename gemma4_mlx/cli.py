@@ -615,7 +615,7 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
-BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio | vision"
+BENCH_HELP = "quality | needle | speed | memory | distortion | weights | startup | audio | vision | speculative"
 
 
 @app.command(

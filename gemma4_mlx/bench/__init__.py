@@ -17,6 +17,7 @@ BENCHMARKS = (
     "startup",
     "audio",
     "vision",
+    "speculative",
 )
 DEFAULT_OUT = Path("benchmarks/results")
 

@@ -158,6 +158,25 @@ NUM_DRAFT_TOKENS = typer.Option(
 )
 
 
+def _draft_summary(result) -> str:
+    if not result.num_draft_tokens:
+        return ""
+    return (
+        f", draft accepted {result.accepted_tokens}/{result.drafted_tokens} "
+        f"({100 * result.acceptance_rate:.0f}%, {result.num_draft_tokens} per step, "
+        f"{len(result.accepted_per_step)} steps)"
+    )
+
+
+def _check_draft_options(draft_model: str | None, num_draft_tokens: int | None) -> None:
+    if num_draft_tokens is not None:
+        from gemma4_mlx.speculative import check_num_draft_tokens
+
+        check_num_draft_tokens(num_draft_tokens)
+        if draft_model is None:
+            raise UserError("--num-draft-tokens needs --draft-model")
+
+
 def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec):
     """The KV policy the KV options say, checked before the model loads. One rule for bits
     (mlx-lm's: ``--kv-bits`` turns quantization on): a bits option without ``--kv-cache``
@@ -350,12 +369,7 @@ def generate(
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
-    if num_draft_tokens is not None:
-        from gemma4_mlx.speculative import check_num_draft_tokens
-
-        check_num_draft_tokens(num_draft_tokens)
-        if draft_model is None:
-            raise UserError("--num-draft-tokens needs --draft-model")
+    _check_draft_options(draft_model, num_draft_tokens)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
     draft = None
     if draft_model is not None:
@@ -413,13 +427,7 @@ def generate(
         typer.echo(result.to_json())
     else:
         sys.stdout.write("\n")
-        speculative = ""
-        if result.num_draft_tokens:
-            speculative = (
-                f", draft accepted {result.accepted_tokens}/{result.drafted_tokens} "
-                f"({100 * result.acceptance_rate:.0f}%, {result.num_draft_tokens} per step, "
-                f"{len(result.accepted_per_step)} steps)"
-            )
+        speculative = _draft_summary(result)
         _note(
             f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} prefilled) at "
             f"{result.prompt_tps:.1f} tok/s, {len(result.tokens)} generated at {result.generation_tps:.1f} tok/s, "
@@ -461,6 +469,8 @@ def chat(
     value_bits: float | None = VALUE_BITS,
     kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
+    draft_model: str | None = DRAFT_MODEL,
+    num_draft_tokens: int | None = NUM_DRAFT_TOKENS,
 ):
     """Multi-turn chat that reuses the KV cache between turns. /image PATH and /audio PATH
     (E2B/E4B) attach media to the next message; /reset, /save PATH, /quit.
@@ -474,7 +484,13 @@ def chat(
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw=False)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    _check_draft_options(draft_model, num_draft_tokens)
     model_dir, m, tokenizer = _load(model, dtype, quiet=False)
+    draft = None
+    if draft_model is not None:
+        from gemma4_mlx.speculative import load_draft
+
+        draft = load_draft(draft_model, dtype=dtype)
     session = Chat(
         m,
         tokenizer,
@@ -483,6 +499,8 @@ def chat(
         kv_policy=policy,
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
         chat_template=template_text,
+        draft_model=draft,
+        num_draft_tokens=num_draft_tokens,
     )
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
@@ -556,7 +574,7 @@ def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) ->
     sys.stdout.write("\n")
     _note(
         f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "
-        f"{result.generation_tps:.1f} tok/s]"
+        f"{result.generation_tps:.1f} tok/s{_draft_summary(result)}]"
     )
     return None
 

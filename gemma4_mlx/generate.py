@@ -543,6 +543,12 @@ class Chat:
     # (each message continues the text), the rule of gemma4_mlx.tokenizer.
     chat_template: str | None = None
     audio: list[Any] = field(default_factory=list)  # every turn's audio inputs, in order
+    # Speculative decoding (gemma4_mlx.speculative): a draft model sharing the tokenizer, its
+    # tokens per step (None: the default), and its cache, kept in step with ``cache``.
+    draft_model: Any = None
+    num_draft_tokens: int | None = None
+    draft_cache: list[Any] | None = None
+    held_tokens: int | None = None  # after a speculative turn: how many tokens both caches hold
 
     def __post_init__(self) -> None:
         from gemma4_mlx.cache import as_policy, bound_policy
@@ -555,6 +561,7 @@ class Chat:
 
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
+        self.draft_cache, self.held_tokens = None, None
 
     def _next_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
         """(all tokens of the conversation, how many of them the cache already holds).
@@ -624,10 +631,16 @@ class Chat:
             )
         messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        if self.held_tokens is not None:  # the caches lack the end of the last answer
+            common = min(common, self.held_tokens)
+            self.held_tokens = None
         if common == 0 and any(m.get("images") for m in self.messages):
             raise UserError("the conversation's images are no longer in the cache: /reset")
         if common == 0 or self.cache is None:
             self.cache, common = self.model.make_cache(self.kv_policy), 0
+            self.draft_cache = None
+        if self.draft_model is not None and (images or audio or self.audio):
+            raise UserError("speculative decoding (a draft model) is for text turns only")
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
@@ -645,6 +658,7 @@ class Chat:
         check_context(self.model, len(tokens), max_tokens)
         prefilled = len(tokens) - common
         pieces, responses = [], []
+        spec = self._speculative(tokens, common)
         try:
             if media:
                 self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
@@ -658,30 +672,76 @@ class Chat:
                 self.sampling,
                 self.cache,
                 self.kv_policy,
+                **spec,
             ):
                 pieces.append(r.text)
                 responses.append(r)
                 if on_text is not None and r.text:
                     on_text(r.text)
         except BaseException:  # an error or Ctrl-C mid-turn: the next turn re-prefills
-            self.cache, self.cached_tokens = None, []
+            self.cache, self.cached_tokens, self.draft_cache = None, [], None
+            self.held_tokens = None
             raise
         result = _finish(
-            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache
-        )
+            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache,
+            spec.get("stats"),
+        )  # fmt: skip
         self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
+        if spec:
+            self._align_draft_cache(responses)
         if images:
             messages[-1]["images"] = len(images)
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
         self.audio = self.audio + audio
         return result
 
+    def _speculative(self, tokens: list[int], common: int) -> dict[str, Any]:
+        """stream_generate's draft arguments for this turn (none without a draft model); the
+        draft cache is brought to the target cache's ``common`` tokens first."""
+        if self.draft_model is None:
+            return {}
+        from gemma4_mlx.speculative import (
+            DEFAULT_NUM_DRAFT_TOKENS,
+            SpeculativeStats,
+            check_num_draft_tokens,
+            check_rewind,
+        )
+
+        n = self.num_draft_tokens
+        n = DEFAULT_NUM_DRAFT_TOKENS if n is None else n
+        check_num_draft_tokens(n)
+        check_rewind(self.cache, n, "target's")
+        if self.draft_cache is None or common == 0:
+            self.draft_cache = self.draft_model.make_cache()
+            _prefill(self.draft_model, self.draft_cache, tokens[:common])
+        check_rewind(self.draft_cache, n - 1, "draft model's")
+        return dict(
+            draft_model=self.draft_model,
+            num_draft_tokens=n,
+            draft_cache=self.draft_cache,
+            stats=SpeculativeStats(n),
+        )
+
+    def _align_draft_cache(self, responses: list[Any]) -> None:
+        """After a speculative turn the two caches hold the conversation to different lengths
+        (the target has not seen its last token; a stop inside accepted drafts leaves extra
+        ones): trim both to the shorter and remember how many tokens both hold, so that the
+        next turn prefills the rest."""
+        held = min(self.cache[0].offset, self.draft_cache[0].offset, len(self.cached_tokens))
+        for caches in (self.cache, self.draft_cache):
+            extra = caches[0].offset - held
+            if extra:
+                for c in caches:
+                    c.trim(extra)
+        self.held_tokens = held
+
     def save(self, path: str | Path) -> None:
         """Save the conversation's KV cache (gemma4_mlx.prompt_files); UserError if there is
         nothing to save yet or the path cannot be written (the conversation goes on)."""
         from gemma4_mlx.prompt_files import save_prompt_file
 
-        save_prompt_file(path, self.cache or [], self.cached_tokens, self.model, self.kv_policy)
+        held = self.cached_tokens[: self.held_tokens]  # held_tokens None: all of them
+        save_prompt_file(path, self.cache or [], held, self.model, self.kv_policy)

@@ -172,3 +172,45 @@ def test_cli_generate_with_a_draft_model_reports_acceptance(tiny_chat_model, cap
         [*base, "--draft-model", str(tiny_chat_model), "--num-draft-tokens", "99"], capsys
     )
     assert code == 2 and "--num-draft-tokens" in err and err.count("\n") == 1
+
+
+def test_chat_with_a_draft_model_answers_as_without(tiny_chat_model, pair):
+    from gemma4_mlx import Chat, load
+
+    model, tokenizer = load(str(tiny_chat_model))
+    draft = pair("e2b")[2]  # tiny_chat_model holds the e2b target's weights
+    plain = Chat(model, tokenizer, system="be brief")
+    spec = Chat(model, tokenizer, system="be brief", draft_model=draft, num_draft_tokens=3)
+    accepted = rejected = 0
+    for text in ("hello world", "the quick fox", "weather in paris"):
+        a = plain.send(text, max_tokens=12)
+        b = spec.send(text, max_tokens=12)
+        assert b.tokens == a.tokens
+        assert b.prompt_tokens == a.prompt_tokens
+        accepted += b.accepted_tokens
+        rejected += b.drafted_tokens - b.accepted_tokens
+        assert spec.cache[0].offset == spec.draft_cache[0].offset == spec.held_tokens
+    assert spec.last_prefilled < len(spec.cached_tokens)  # later turns reuse the cache
+    assert accepted > 0 and rejected > 0
+
+
+def test_cli_chat_with_a_draft_model_reports_acceptance(tiny_chat_model, capsys, monkeypatch):
+    import io
+
+    from test_cli import run_cli
+
+    lines = b"hello world\nthe quick fox\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines)))
+    args = ["chat", "-m", str(tiny_chat_model), "--max-tokens", "8", "--temp", "0"]
+    code, _, err = run_cli([*args, "--draft-model", str(tiny_chat_model)], capsys)
+    assert code == 0, err
+    assert err.count("draft accepted") == 2
+
+
+def test_an_assistant_drafter_checkpoint_is_detected_and_refused_in_words(tmp_path):
+    from gemma4_mlx.errors import UserError
+    from gemma4_mlx.speculative import load_draft
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
+    with pytest.raises(UserError, match="gemma4_assistant drafter .* not supported"):
+        load_draft(tmp_path)

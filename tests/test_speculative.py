@@ -214,3 +214,18 @@ def test_an_assistant_drafter_checkpoint_is_detected_and_refused_in_words(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
     with pytest.raises(UserError, match="gemma4_assistant drafter .* not supported"):
         load_draft(tmp_path)
+
+
+def test_a_reused_prompt_cache_file_gives_the_draft_the_same_prefix(pair, tmp_path):
+    model, tokenizer, draft = pair("e4b")
+    prompt, path = _prompt(40), tmp_path / "prompt.safetensors"
+    greedy = generate(model, tokenizer, prompt, 16)
+    for _ in range(2):  # the first run saves the prompt's cache, the second reuses it
+        notes = []
+        spec = generate(
+            model, tokenizer, prompt, 16, prompt_cache_file=path, on_note=notes.append,
+            draft_model=draft, num_draft_tokens=2,
+        )  # fmt: skip
+        assert spec.tokens == greedy.tokens
+        assert spec.drafted_tokens > spec.accepted_tokens
+    assert spec.prefilled_tokens < len(prompt)  # the second run prefilled only the rest

@@ -229,3 +229,13 @@ def test_a_reused_prompt_cache_file_gives_the_draft_the_same_prefix(pair, tmp_pa
         assert spec.tokens == greedy.tokens
         assert spec.drafted_tokens > spec.accepted_tokens
     assert spec.prefilled_tokens < len(prompt)  # the second run prefilled only the rest
+
+
+def test_speculative_benchmark_quick_is_lossless_on_real_weights(tmp_path, demo_cache):
+    from test_benchmarks_smoke import _run
+
+    result = _run("speculative.py", tmp_path, env={"GEMMA4_MLX_CACHE": str(demo_cache)})
+    rows = [r for r in result["results"]["exact"].values() if "draft" in r]
+    print(rows)
+    assert rows and all(r["lossless"] and 0 <= r["accepted"] <= r["drafted"] for r in rows)
+    assert (tmp_path / "speculative_quick.png").stat().st_size > 0

@@ -14,7 +14,7 @@ acceptance rate. These are the CPU build's MLX kernels: on a Mac's GPU the ratio
 verification call of N+1 tokens costs nearly one decode step there; here it costs more).
 
     python benchmarks/speculative.py            # N = 1..6, 2 prompts x 128 tokens (~15 min here)
-    python benchmarks/speculative.py --quick    # N = 1,3, 1 prompt x 32 tokens, 4-bit only
+    python benchmarks/speculative.py --quick    # N = 2, 1 prompt x 16 tokens, 4-bit, exact (CI)
     (also: gemma4-mlx bench speculative [options])
 """
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap = BenchParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="N = 1,3; 1 prompt x 32 tokens (CI)")
+    ap.add_argument("--quick", action="store_true", help="N = 2, 16 tokens, 4-bit, exact (CI)")
     ap.add_argument("--model", default="demo")
     ap.add_argument("--num-draft-tokens", type=positive_ints, default="1,2,3,4,5,6")
     ap.add_argument("--draft-bits", type=positive_ints, default="4,8")
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.quick:
-        args.num_draft_tokens, args.draft_bits, args.prompts, args.max_tokens = [1, 3], [4], 1, 32
+        args.num_draft_tokens, args.draft_bits, args.prompts, args.max_tokens = [2], [4], 1, 16
+        args.caches = "exact"
     name = "speculative_quick" if args.quick else "speculative"
 
     from gemma4_mlx.generate import generate

@@ -354,7 +354,7 @@ def generate(
     ``videos`` (``gemma4_mlx.media.video.Video``, from ``load_video``) fill ``<|video|>`` ones.
     ``audio`` (files or 16 kHz mono float arrays; E2B/E4B) fill its ``<|audio|>`` placeholders,
     one each; a str prompt without any gets them in front.
-    ``draft_model`` (a loaded model sharing the tokenizer; gemma4_mlx.speculative.load_draft):
+    ``draft_model`` (a model sharing the tokenizer, or its checkpoint directory):
     speculative decoding, ``num_draft_tokens`` per step (default DEFAULT_NUM_DRAFT_TOKENS),
     refused when that exceeds what the KV cache can rewind; the result reports drafted and
     accepted tokens. The output is the one plain decoding gives (the same tokens when greedy).
@@ -366,6 +366,10 @@ def generate(
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
     draft = None
+    if isinstance(draft_model, (str, Path)):  # a checkpoint: loaded as the CLI loads it
+        from gemma4_mlx.speculative import load_draft
+
+        draft_model = load_draft(draft_model)
     if draft_model is not None:
         from gemma4_mlx.speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens
 

@@ -207,13 +207,21 @@ def test_cli_chat_with_a_draft_model_reports_acceptance(tiny_chat_model, capsys,
     assert err.count("draft accepted") == 2
 
 
-def test_an_assistant_drafter_checkpoint_is_detected_and_refused_in_words(tmp_path):
+def test_an_assistant_drafter_checkpoint_is_detected_and_refused_in_words(tmp_path, pair):
     from gemma4_mlx.errors import UserError
-    from gemma4_mlx.speculative import load_draft
 
+    model, tokenizer, _ = pair("gemma3")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
     with pytest.raises(UserError, match="gemma4_assistant drafter .* not supported"):
-        load_draft(tmp_path)
+        generate(model, tokenizer, _prompt(8), 4, draft_model=tmp_path)
+
+
+def test_a_draft_checkpoint_path_is_loaded(pair, tiny_checkpoints):
+    model, tokenizer, _ = pair("gemma3")
+    greedy = generate(model, tokenizer, _prompt(8), 8)
+    spec = generate(model, tokenizer, _prompt(8), 8, draft_model=str(tiny_checkpoints("gemma3")[0]))
+    assert spec.tokens == greedy.tokens
+    assert spec.accepted_tokens == spec.drafted_tokens > 0  # the target's own weights
 
 
 def test_a_reused_prompt_cache_file_gives_the_draft_the_same_prefix(pair, tmp_path):

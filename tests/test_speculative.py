@@ -172,6 +172,10 @@ def test_cli_generate_with_a_draft_model_reports_acceptance(tiny_chat_model, cap
         [*base, "--draft-model", str(tiny_chat_model), "--num-draft-tokens", "99"], capsys
     )
     assert code == 2 and "--num-draft-tokens" in err and err.count("\n") == 1
+    code, _, err = run_cli([*base, "--num-draft-tokens", "2"], capsys)
+    assert code == 2 and "needs --draft-model" in err and err.count("\n") == 1
+    code, _, err = run_cli([*base, "--draft-model", str(tiny_chat_model / "nope")], capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1
 
 
 def test_chat_with_a_draft_model_answers_as_without(tiny_chat_model, pair):

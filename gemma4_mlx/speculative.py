@@ -163,8 +163,9 @@ def speculative_stream(
     draft_cache: list[Any],
     stats: SpeculativeStats,
 ) -> Iterator[Any]:
-    """Yield mlx-lm GenerationResponse objects for the completion of ``tokens``, which both
-    caches hold but for the last one; ``stats`` is filled in as tokens come."""
+    """Yield mlx-lm GenerationResponse objects for the completion of the prompt whose tokens
+    neither cache holds yet are ``tokens`` (both caches hold the same tokens before them: a new
+    prompt's caches are empty); ``stats`` is filled in as tokens come."""
     from mlx_lm.generate import GenerationResponse, speculative_generate_step
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 

@@ -146,6 +146,38 @@ KV_FLAGS = {"kind": "--kv-cache", "bits": "--kv-bits", "key_bits": "--key-bits"}
 KV_FLAGS["value_bits"] = "--value-bits"
 
 
+DRAFT_MODEL = typer.Option(
+    None,
+    "--draft-model",
+    help="Speculative decoding: a small gemma4_text/gemma3_text model with the same tokenizer "
+    "drafts tokens the model verifies (same output, greedy: token for token).",
+)
+NUM_DRAFT_TOKENS = typer.Option(
+    None,
+    "--num-draft-tokens",
+    help="Tokens the draft model proposes per step (default 3; at most the KV cache's rewind).",
+)
+
+
+def _draft_summary(result) -> str:
+    if not result.num_draft_tokens:
+        return ""
+    return (
+        f", draft accepted {result.accepted_tokens}/{result.drafted_tokens} "
+        f"({100 * result.acceptance_rate:.0f}%, {result.num_draft_tokens} per step, "
+        f"{len(result.accepted_per_step)} steps)"
+    )
+
+
+def _check_draft_options(draft_model: str | None, num_draft_tokens: int | None) -> None:
+    if num_draft_tokens is not None:
+        from gemma4_mlx.speculative import check_num_draft_tokens
+
+        check_num_draft_tokens(num_draft_tokens)
+        if draft_model is None:
+            raise UserError("--num-draft-tokens needs --draft-model")
+
+
 def _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec):
     """The KV policy the KV options say, checked before the model loads. One rule for bits
     (mlx-lm's: ``--kv-bits`` turns quantization on): a bits option without ``--kv-cache``
@@ -362,6 +394,8 @@ def generate(
         metavar=FLAG,
         help="Also pass each --video file's soundtrack as audio (E2B/E4B).",
     ),
+    draft_model: str | None = DRAFT_MODEL,
+    num_draft_tokens: int | None = NUM_DRAFT_TOKENS,
 ):
     """Generate text from a prompt, streamed to the terminal.
 
@@ -398,6 +432,7 @@ def generate(
         from gemma4_mlx.media.image import check_budget
 
         check_budget(image_tokens)
+    _check_draft_options(draft_model, num_draft_tokens)
     schema = _read_schema(json_schema)
     tool_list = _read_tools(tools, raw)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
@@ -405,6 +440,11 @@ def generate(
         from gemma4_mlx.media.image import default_budget
 
         image_tokens = default_budget(model_dir)
+    draft = None
+    if draft_model is not None:
+        from gemma4_mlx.speculative import load_draft
+
+        draft = load_draft(draft_model, dtype=dtype)
     sampling = _sampling(model_dir, temp, top_p, top_k, min_p, seed)
     template = prompt_template(tokenizer, template_text, raw, system, thinking)
     if tool_list and "tools" not in (template or ""):
@@ -456,6 +496,8 @@ def generate(
         json_schema=schema,
         thinking=thinking,
         tools=tool_list,
+        draft_model=draft,
+        num_draft_tokens=num_draft_tokens,
     )
     if json_out:
         typer.echo(result.to_json())
@@ -463,10 +505,11 @@ def generate(
         sys.stdout.write("\n")
         for call in result.tool_calls if tool_list else ():
             typer.echo(json.dumps(call))
+        speculative = _draft_summary(result)
         _note(
             f"[{result.prompt_tokens} prompt tokens ({result.prefilled_tokens} prefilled) at "
             f"{result.prompt_tps:.1f} tok/s, {len(result.tokens)} generated at {result.generation_tps:.1f} tok/s, "
-            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}]"
+            f"peak {result.peak_memory_gb:.2f} GB, KV {result.kv_cache}{speculative}]"
         )
 
 
@@ -504,6 +547,8 @@ def chat(
     value_bits: float | None = VALUE_BITS,
     kv_spec: str | None = KV_SPEC,
     dtype: str | None = DTYPE,
+    draft_model: str | None = DRAFT_MODEL,
+    num_draft_tokens: int | None = NUM_DRAFT_TOKENS,
 ):
     """Multi-turn chat that reuses the KV cache between turns. /image PATH and /audio PATH
     (E2B/E4B) attach media to the next message; /reset, /save PATH, /quit.
@@ -517,7 +562,13 @@ def chat(
     _sampling(None, temp, top_p, top_k, min_p, seed)
     template_text = _read_template(chat_template, raw=False)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
+    _check_draft_options(draft_model, num_draft_tokens)
     model_dir, m, tokenizer = _load(model, dtype, quiet=False)
+    draft = None
+    if draft_model is not None:
+        from gemma4_mlx.speculative import load_draft
+
+        draft = load_draft(draft_model, dtype=dtype)
     session = Chat(
         m,
         tokenizer,
@@ -526,6 +577,8 @@ def chat(
         kv_policy=policy,
         sampling=_sampling(model_dir, temp, top_p, top_k, min_p, seed),
         chat_template=template_text,
+        draft_model=draft,
+        num_draft_tokens=num_draft_tokens,
     )
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
@@ -599,7 +652,7 @@ def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) ->
     sys.stdout.write("\n")
     _note(
         f"[prefilled {session.last_prefilled} new tokens, generated {len(result.tokens)} at "
-        f"{result.generation_tps:.1f} tok/s]"
+        f"{result.generation_tps:.1f} tok/s{_draft_summary(result)}]"
     )
     return None
 
@@ -660,6 +713,7 @@ def convert(
 
 BENCH_HELP = (
     "quality | needle | speed | memory | distortion | weights | startup | audio | vision | serve"
+    " | speculative"
 )
 
 

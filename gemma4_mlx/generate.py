@@ -46,6 +46,13 @@ class GenerationResult:
     image_tokens: list[int] = field(default_factory=list)  # soft tokens per input image
     audio_tokens: list[int] = field(default_factory=list)  # soft tokens per 30 s audio clip
     video_frames: list[int] = field(default_factory=list)  # frames sampled per input video
+    # Speculative decoding (gemma4_mlx.speculative): draft tokens per step (0: none), tokens
+    # the draft proposed, tokens the target kept, and how many it kept at each step.
+    num_draft_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    accepted_per_step: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -207,6 +214,10 @@ def stream_generate(
     json_schema: dict | None = None,
     thinking: bool = False,
     tools: list[dict] | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int | None = None,
+    draft_cache: list[Any] | None = None,
+    stats: Any = None,
 ) -> Iterator[Any]:
     """mlx-lm's stream_generate with our cache plan; yields mlx-lm GenerationResponse objects.
 
@@ -214,7 +225,11 @@ def stream_generate(
     policy. Ignored when ``prompt_cache`` is given (that cache is used as it is).
     ``json_schema``: the answer is that schema's JSON, enforced token by token (llguidance;
     gemma4_mlx.engine.grammar), after a thought block if ``thinking``; ``tools``: calls of
-    these OpenAI function tools follow their schemas (the prompt must declare them)."""
+    these OpenAI function tools follow their schemas (the prompt must declare them).
+    ``draft_model``: speculative decoding (gemma4_mlx.speculative) with ``num_draft_tokens``
+    per step; ``draft_cache`` must then hold what ``prompt_cache`` holds (default: a new one
+    with the draft's bound policy, and then ``prompt_cache`` must be None too); ``stats`` (a
+    SpeculativeStats) hears what the draft did."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -237,6 +252,28 @@ def stream_generate(
         processors = [grammar_processor(model, tokenizer, json_schema, tools, thinking)]
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
+    if draft_model is not None:
+        if processors:
+            raise BadArgument("draft_model", "cannot be combined with json_schema or tools yet")
+        from gemma4_mlx.speculative import (
+            DEFAULT_NUM_DRAFT_TOKENS,
+            SpeculativeStats,
+            check_draft_model,
+            speculative_stream,
+        )
+
+        check_draft_model(model, draft_model)
+        n_draft = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+        if draft_cache is None:
+            if prompt_cache is not None:
+                raise BadArgument("draft_cache", "must be given with prompt_cache")
+            draft_cache = draft_model.make_cache()
+        stats = stats if stats is not None else SpeculativeStats(n_draft)
+        yield from speculative_stream(
+            model, tokenizer, tokens, draft_model, n_draft, max_tokens, sampler, cache,
+            draft_cache, stats,
+        )  # fmt: skip
+        return
     yield from mlx_stream_generate(
         model,
         tokenizer,
@@ -271,12 +308,23 @@ def _finish(
     model: Any,
     policy: KVPolicy,
     cache: list[Any],
+    stats: Any = None,
 ) -> GenerationResult:
     raw = "".join(pieces)
     parsed: ParsedOutput = parse_output(raw)
     last = responses[-1]
     n_tokens = n_prompt + len(responses)
+    speculative = {}
+    if stats is not None:
+        speculative = dict(
+            num_draft_tokens=stats.num_draft_tokens,
+            drafted_tokens=stats.drafted,
+            accepted_tokens=stats.accepted,
+            acceptance_rate=stats.acceptance_rate,
+            accepted_per_step=list(stats.accepted_per_step),
+        )
     return GenerationResult(
+        **speculative,
         text=parsed.text,
         thinking=parsed.thinking,
         tool_calls=parsed.tool_calls,
@@ -312,6 +360,8 @@ def generate(
     json_schema: dict | None = None,
     thinking: bool = False,
     tools: list[dict] | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int | None = None,
 ) -> GenerationResult:
     """Generate a completion; ``on_text`` receives each streamed piece of text.
 
@@ -330,6 +380,10 @@ def generate(
     sampling; ``thinking``: a thought block may come first. ``tools``: tool calls are
     constrained to these tools' schemas and parsed into ``result.tool_calls``
     (gemma4_mlx.toolcalls); build the prompt with the same tools (build_prompt(tools=...)).
+    ``draft_model`` (a model sharing the tokenizer, or its checkpoint directory):
+    speculative decoding, ``num_draft_tokens`` per step (default DEFAULT_NUM_DRAFT_TOKENS),
+    refused when that exceeds what the KV cache can rewind; the result reports drafted and
+    accepted tokens. The output is the one plain decoding gives (the same tokens when greedy).
     """
     from gemma4_mlx.cache import as_policy, bound_policy
     from gemma4_mlx.prompt_files import load_prompt_file, save_prompt_file
@@ -337,6 +391,20 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
+    draft = None
+    if isinstance(draft_model, (str, Path)):  # a checkpoint: loaded as the CLI loads it
+        from gemma4_mlx.speculative import load_draft
+
+        draft_model = load_draft(draft_model)
+    if draft_model is not None:
+        from gemma4_mlx.speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens
+
+        if images or audio or videos:
+            raise UserError("speculative decoding (a draft model) is for text prompts only")
+        if num_draft_tokens is None:
+            num_draft_tokens = DEFAULT_NUM_DRAFT_TOKENS
+        check_num_draft_tokens(num_draft_tokens)
+        draft = (draft_model, num_draft_tokens)
     if images or audio or videos:
         return _generate_with_media(
             model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
@@ -353,6 +421,11 @@ def generate(
             note(why)
     if cache is None:
         cache = model.make_cache(policy)
+    if draft is not None:  # before any work: a draft the cache cannot rewind is refused
+        from gemma4_mlx.speculative import check_rewind
+
+        check_rewind(cache, draft[1], "target's")
+        check_rewind(draft[0].make_cache(), draft[1] - 1, "draft model's")
     remaining = tokens[reused:]
     if prompt_cache_file is not None and reused == 0:
         # Prefill the prompt once, save it, then generate from the saved state.
@@ -362,18 +435,33 @@ def generate(
         remaining = tokens[-1:]
     return _generate_from(
         model, tokenizer, tokens, len(tokens) - reused, max_tokens, sampling, cache, policy,
-        on_text, progress, remaining, json_schema=json_schema, thinking=thinking, tools=tools,
+        on_text, progress, remaining, draft, json_schema=json_schema, thinking=thinking,
+        tools=tools,
     )  # fmt: skip
 
 
 def _generate_from(
     model, tokenizer, tokens, prefilled, max_tokens, sampling, cache, policy, on_text,
-    progress=None, remaining=None, json_schema=None, thinking=False, tools=None,
+    progress=None, remaining=None, draft=None, json_schema=None, thinking=False, tools=None,
 ) -> GenerationResult:  # fmt: skip
     """Stream the completion of ``tokens`` from ``cache``, which holds all but ``remaining``
-    (default: all but the last token); ``prefilled`` tokens ran through the model."""
+    (default: all but the last token); ``prefilled`` tokens ran through the model.
+    ``draft``: (draft model, draft tokens per step) for speculative decoding."""
     pieces, responses = [], []
     remaining = tokens[-1:] if remaining is None else remaining
+    spec: dict[str, Any] = {}
+    if draft is not None:
+        from gemma4_mlx.speculative import SpeculativeStats
+
+        draft_model, n_draft = draft
+        draft_cache = draft_model.make_cache()
+        _prefill(draft_model, draft_cache, tokens[: len(tokens) - len(remaining)])
+        spec = dict(
+            draft_model=draft_model,
+            num_draft_tokens=n_draft,
+            draft_cache=draft_cache,
+            stats=SpeculativeStats(n_draft),
+        )
     for response in stream_generate(
         model,
         tokenizer,
@@ -386,12 +474,15 @@ def _generate_from(
         json_schema=json_schema,
         thinking=thinking,
         tools=tools,
+        **spec,
     ):
         pieces.append(response.text)
         responses.append(response)
         if on_text is not None and response.text:
             on_text(response.text)
-    result = _finish(pieces, responses, len(tokens), prefilled, model, policy, cache)
+    result = _finish(
+        pieces, responses, len(tokens), prefilled, model, policy, cache, spec.get("stats")
+    )
     if tools is not None:
         _route_calls(result, tokenizer)
     return result
@@ -524,6 +615,12 @@ class Chat:
     # (each message continues the text), the rule of gemma4_mlx.tokenizer.
     chat_template: str | None = None
     audio: list[Any] = field(default_factory=list)  # every turn's audio inputs, in order
+    # Speculative decoding (gemma4_mlx.speculative): a draft model sharing the tokenizer, its
+    # tokens per step (None: the default), and its cache, kept in step with ``cache``.
+    draft_model: Any = None
+    num_draft_tokens: int | None = None
+    draft_cache: list[Any] | None = None
+    held_tokens: int | None = None  # after a speculative turn: how many tokens both caches hold
 
     def __post_init__(self) -> None:
         from gemma4_mlx.cache import as_policy, bound_policy
@@ -536,6 +633,7 @@ class Chat:
 
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
+        self.draft_cache, self.held_tokens = None, None
 
     def _next_tokens(self, messages: list[dict]) -> tuple[list[int], int]:
         """(all tokens of the conversation, how many of them the cache already holds).
@@ -607,11 +705,17 @@ class Chat:
             )
         messages.append({"role": "user", "content": text})
         tokens, common = self._next_tokens(messages)
+        if self.held_tokens is not None:  # the caches lack the end of the last answer
+            common = min(common, self.held_tokens)
+            self.held_tokens = None
         if common == 0 and any(m.get("images") for m in self.messages):
             raise UserError("the conversation's images are no longer in the cache: /reset")
         check_max_tokens(max_tokens)
         if common == 0 or self.cache is None:
             common = 0
+            self.draft_cache = None
+        if self.draft_model is not None and (images or audio or self.audio):
+            raise UserError("speculative decoding (a draft model) is for text turns only")
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
@@ -630,6 +734,7 @@ class Chat:
             self.cache = self.model.make_cache(self.kv_policy)
         prefilled = len(tokens) - common
         pieces, responses = [], []
+        spec = self._speculative(tokens, common)
         try:
             if media:
                 self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
@@ -643,30 +748,76 @@ class Chat:
                 self.sampling,
                 self.cache,
                 self.kv_policy,
+                **spec,
             ):
                 pieces.append(r.text)
                 responses.append(r)
                 if on_text is not None and r.text:
                     on_text(r.text)
         except BaseException:  # an error or Ctrl-C mid-turn: the next turn re-prefills
-            self.cache, self.cached_tokens = None, []
+            self.cache, self.cached_tokens, self.draft_cache = None, [], None
+            self.held_tokens = None
             raise
         result = _finish(
-            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache
-        )
+            pieces, responses, len(tokens), prefilled, self.model, self.kv_policy, self.cache,
+            spec.get("stats"),
+        )  # fmt: skip
         self.last_prefilled = prefilled
         # mlx-lm's generate_step feeds each token before yielding it: the cache holds the
         # prompt and every generated token, the stop token included.
         self.cached_tokens = tokens + result.tokens
+        if spec:
+            self._align_draft_cache(responses)
         if images:
             messages[-1]["images"] = len(images)
         self.messages = messages + [{"role": "assistant", "content": result.raw_text}]
         self.audio = self.audio + audio
         return result
 
+    def _speculative(self, tokens: list[int], common: int) -> dict[str, Any]:
+        """stream_generate's draft arguments for this turn (none without a draft model); the
+        draft cache is brought to the target cache's ``common`` tokens first."""
+        if self.draft_model is None:
+            return {}
+        from gemma4_mlx.speculative import (
+            DEFAULT_NUM_DRAFT_TOKENS,
+            SpeculativeStats,
+            check_num_draft_tokens,
+            check_rewind,
+        )
+
+        n = self.num_draft_tokens
+        n = DEFAULT_NUM_DRAFT_TOKENS if n is None else n
+        check_num_draft_tokens(n)
+        check_rewind(self.cache, n, "target's")
+        if self.draft_cache is None or common == 0:
+            self.draft_cache = self.draft_model.make_cache()
+            _prefill(self.draft_model, self.draft_cache, tokens[:common])
+        check_rewind(self.draft_cache, n - 1, "draft model's")
+        return dict(
+            draft_model=self.draft_model,
+            num_draft_tokens=n,
+            draft_cache=self.draft_cache,
+            stats=SpeculativeStats(n),
+        )
+
+    def _align_draft_cache(self, responses: list[Any]) -> None:
+        """After a speculative turn the two caches hold the conversation to different lengths
+        (the target has not seen its last token; a stop inside accepted drafts leaves extra
+        ones): trim both to the shorter and remember how many tokens both hold, so that the
+        next turn prefills the rest."""
+        held = min(self.cache[0].offset, self.draft_cache[0].offset, len(self.cached_tokens))
+        for caches in (self.cache, self.draft_cache):
+            extra = caches[0].offset - held
+            if extra:
+                for c in caches:
+                    c.trim(extra)
+        self.held_tokens = held
+
     def save(self, path: str | Path) -> None:
         """Save the conversation's KV cache (gemma4_mlx.prompt_files); UserError if there is
         nothing to save yet or the path cannot be written (the conversation goes on)."""
         from gemma4_mlx.prompt_files import save_prompt_file
 
-        save_prompt_file(path, self.cache or [], self.cached_tokens, self.model, self.kv_policy)
+        held = self.cached_tokens[: self.held_tokens]  # held_tokens None: all of them
+        save_prompt_file(path, self.cache or [], held, self.model, self.kv_policy)

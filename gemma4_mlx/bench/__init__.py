@@ -18,6 +18,7 @@ BENCHMARKS = (
     "audio",
     "vision",
     "serve",
+    "speculative",
 )
 DEFAULT_OUT = Path("benchmarks/results")
 

@@ -4,7 +4,7 @@ That coordinate has density f(x) ∝ (1 - x^2)^((d-3)/2) on [-1, 1] (close to N(
 Centroids minimise E[(x - q(x))^2] under that exact law; they are computed once per (d, bits)
 with numpy (fine grid + cumulative moments, Lloyd iterations to convergence) and cached.
 The mean squared error of a whole unit vector is d * that per-coordinate error: for large d
-about 0.3634, 0.1175, 0.0345, 0.0095 at 1..4 bits (REFERENCE.md).
+about 0.3634, 0.1175, 0.0345, 0.0095 at 1..4 bits (TurboQuant paper, arXiv 2504.19874).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _as_mx(dim: int, bits: int, which: str) -> mx.array:
     return mx.array((cb.centroids if which == "c" else cb.boundaries).astype(np.float32))
 
 
-# The Gaussian Lloyd-Max values of the paper / REFERENCE.md (unit variance), for checks.
+# The Gaussian Lloyd-Max values of the paper (unit variance), for checks.
 GAUSSIAN_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
 GAUSSIAN_CENTROIDS = {
     1: (0.7979,),

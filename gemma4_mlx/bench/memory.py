@@ -56,7 +56,7 @@ class Layout:
     head_sliding: int = 256
 
 
-# Cache-owning layers, from the configs in REFERENCE.md (KV-shared consumers own no cache):
+# Cache-owning layers, from the released configs (E2B, E4B, 26B-A4B, 31B config.json) (KV-shared consumers own no cache):
 # E2B: 35 layers (4 sliding + 1 full) x 7, last 20 shared -> layers 0..14 own: 3 global, 12 sliding.
 # E4B: 42 layers (5+1) x 7, last 18 shared -> layers 0..23 own: 4 global, 20 sliding.
 LAYOUTS = [

@@ -4,7 +4,7 @@ Sliding layers use default RoPE over the whole head. Gemma 4 global layers use "
 RoPE: only the first ``partial_rotary_factor * head_dim / 2`` frequency pairs rotate, with
 frequencies computed against the FULL head dim (inv_freq[j] = theta^(-2j/head_dim)), and
 rotate_half pairs dim j with dim j + head_dim/2 across the whole head; the other pairs pass
-through. That is not standard partial RoPE over the first dims (REFERENCE.md).
+through. That is not standard partial RoPE over the first dims (transformers' modeling_gemma4.py does the same).
 """
 
 from __future__ import annotations

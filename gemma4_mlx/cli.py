@@ -270,39 +270,37 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
-def _read_schema(path: Path | None) -> dict | None:
-    """--json-schema FILE: a JSON object, checked before the model loads."""
-    if path is None:
-        return None
+def _read_json(path: Path, what: str):
+    """A JSON file an option names, read before the model loads; one-line errors."""
     import json
 
     try:
-        schema = json.loads(_decode(path.read_bytes(), f"{path}"))
+        return json.loads(_decode(path.read_bytes(), f"{path}"))
     except OSError as e:
-        raise UserError(f"{path}: cannot read the JSON schema ({e.strerror})") from None
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _read_schema(path: Path | None) -> dict | None:
+    """--json-schema FILE: a JSON object."""
+    if path is None:
+        return None
+    schema = _read_json(path, "JSON schema")
     if not isinstance(schema, dict):
         raise UserError(f"{path}: a JSON schema must be an object")
     return schema
 
 
 def _read_tools(path: Path | None, raw: bool) -> list | None:
-    """--tools FILE: a JSON list of OpenAI function tools, checked before the model loads."""
+    """--tools FILE: a JSON list of OpenAI function tools."""
     if path is None:
         return None
     if raw:
         raise UserError("--tools needs the chat template (it declares the tools): drop --raw")
-    import json
-
     from gemma4_mlx.engine.grammar import check_tools
 
-    try:
-        tools = json.loads(_decode(path.read_bytes(), f"{path}"))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the tools ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    tools = _read_json(path, "tools")
     check_tools(tools)
     return tools
 

@@ -431,6 +431,12 @@ def generate(
 
         check_budget(image_tokens)
     _check_draft_options(draft_model, num_draft_tokens)
+    if draft_model is not None and (image or video or audio or video_audio):
+        raise UserError("--draft-model is for text prompts only: drop --image/--video/--audio")
+    if draft_model is not None and (json_schema or tools):
+        raise UserError("--draft-model cannot be combined with --json-schema or --tools yet")
+    if prompt_cache_file is not None and (image or video or audio):
+        raise UserError("--prompt-cache-file cannot be combined with --image/--video/--audio")
     schema = _read_schema(json_schema)
     tool_list = _read_tools(tools, raw)
     model_dir, m, tokenizer = _load(model, dtype, quiet=json_out, text_only=text_only)
@@ -837,17 +843,6 @@ def serve(
 def _cli_names() -> dict[str, str]:
     """API argument name -> how the CLI names it, for ``BadArgument`` messages."""
     names = {"prompt": "the prompt", "text": "the message", "thinking": "--thinking"}
-    # KVPolicy's fields, where they differ from the options that set them
-    names.update(
-        kind="--kv-cache",
-        bits="--kv-bits",
-        codec="--kv-codec",
-        fp_window="--kv-window",
-        sink="--kv-sink",
-        center="--kv-center",
-        center_block="--kv-center-block",
-        key_tiers="--kv-key-tiers",
-    )
     for command in typer.main.get_command(app).commands.values():
         for param in command.params:
             long = [o for o in param.opts if o.startswith("--")]

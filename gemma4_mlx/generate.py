@@ -252,18 +252,11 @@ def stream_generate(
         processors = [grammar_processor(model, tokenizer, json_schema, tools, thinking)]
     sampler = make_sampler(sampling.temp, sampling.top_p, sampling.min_p, top_k=sampling.top_k)
     cache = prompt_cache if prompt_cache is not None else model.make_cache(kv_policy)
-    if draft_model is not None:
-        if processors:
-            raise BadArgument("draft_model", "cannot be combined with json_schema or tools yet")
-        from gemma4_mlx.speculative import (
-            DEFAULT_NUM_DRAFT_TOKENS,
-            SpeculativeStats,
-            check_draft_model,
-            speculative_stream,
-        )
+    draft = _draft_arguments(model, draft_model, num_draft_tokens, False, bool(processors))
+    if draft is not None:
+        from gemma4_mlx.speculative import SpeculativeStats, speculative_stream
 
-        check_draft_model(model, draft_model)
-        n_draft = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+        draft_model, n_draft = draft
         if draft_cache is None:
             if prompt_cache is not None:
                 raise BadArgument("draft_cache", "must be given with prompt_cache")
@@ -284,6 +277,35 @@ def stream_generate(
         prompt_progress_callback=progress,
         logits_processors=processors,
     )
+
+
+def _draft_arguments(
+    model: Any, draft_model: Any, num_draft_tokens: Any, media: bool, constrained: bool
+) -> tuple[Any, int] | None:
+    """(draft model, tokens per step) or None, checked before any work: a checkpoint path is
+    loaded, the draft must share the vocabulary, and what speculative decoding cannot do yet
+    (media, constrained answers) is refused."""
+    if draft_model is None:
+        if num_draft_tokens is not None:
+            raise BadArgument("num_draft_tokens", "needs draft_model")
+        return None
+    from gemma4_mlx.speculative import (
+        DEFAULT_NUM_DRAFT_TOKENS,
+        check_draft_model,
+        check_num_draft_tokens,
+        load_draft,
+    )
+
+    if media:
+        raise BadArgument("draft_model", "is for text prompts only (no images, videos or audio)")
+    if constrained:
+        raise BadArgument("draft_model", "cannot be combined with json_schema or tools yet")
+    if isinstance(draft_model, (str, Path)):  # a checkpoint: loaded as the CLI loads it
+        draft_model = load_draft(draft_model)
+    check_draft_model(model, draft_model)
+    n = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+    check_num_draft_tokens(n)
+    return draft_model, n
 
 
 def describe_used(model: Any, policy: KVPolicy, n_tokens: int) -> str:
@@ -391,20 +413,10 @@ def generate(
     policy = as_policy(kv_policy) or bound_policy(model)
     check_max_tokens(max_tokens)
     (sampling or SamplingOptions()).validate()
-    draft = None
-    if isinstance(draft_model, (str, Path)):  # a checkpoint: loaded as the CLI loads it
-        from gemma4_mlx.speculative import load_draft
-
-        draft_model = load_draft(draft_model)
-    if draft_model is not None:
-        from gemma4_mlx.speculative import DEFAULT_NUM_DRAFT_TOKENS, check_num_draft_tokens
-
-        if images or audio or videos:
-            raise UserError("speculative decoding (a draft model) is for text prompts only")
-        if num_draft_tokens is None:
-            num_draft_tokens = DEFAULT_NUM_DRAFT_TOKENS
-        check_num_draft_tokens(num_draft_tokens)
-        draft = (draft_model, num_draft_tokens)
+    draft = _draft_arguments(
+        model, draft_model, num_draft_tokens, bool(images or audio or videos),
+        json_schema is not None or tools is not None,
+    )  # fmt: skip
     if images or audio or videos:
         return _generate_with_media(
             model, tokenizer, prompt, (images or [], image_tokens, videos or [], audio or []),
@@ -518,7 +530,7 @@ def _generate_with_media(
     from gemma4_mlx.media import prepare_media
 
     if cache_file is not None:
-        raise UserError("prompt_cache_file cannot be combined with images, videos or audio")
+        raise BadArgument("prompt_cache_file", "cannot be combined with images, videos or audio")
     images, budget, videos, audio = inputs
     media: dict[str, Any] = {}
     audio_counts: list[int] = []
@@ -574,7 +586,7 @@ def audio_prompt(
         for piece in pieces[1:]:
             tokens += [ids.audio] + _encode_plain(tokenizer, piece)
     else:
-        tokens = list(prompt)
+        tokens = prompt_ids(model, tokenizer, prompt)
     tokens = expand_audio_placeholders(tokens, prepared, ids.audio, ids.boa, ids.eoa)
     media = dict(input_features=prepared.features, input_features_mask=prepared.mask)
     return tokens, media, list(prepared.token_counts)
@@ -630,6 +642,15 @@ class Chat:
             self.tokenizer, self.chat_template, system=self.system, thinking=self.thinking
         )
         self.kv_policy = as_policy(self.kv_policy) or bound_policy(self.model)
+        if self.draft_model is not None or self.num_draft_tokens is not None:
+            self.draft_model, self.num_draft_tokens = _draft_arguments(
+                self.model, self.draft_model, self.num_draft_tokens, False, False
+            )
+            from gemma4_mlx.speculative import check_rewind
+
+            # refused now, not at the first message: a draft longer than the caches rewind
+            check_rewind(self.model.make_cache(self.kv_policy), self.num_draft_tokens, "target's")
+            check_rewind(self.draft_model.make_cache(), self.num_draft_tokens - 1, "draft model's")
 
     def reset(self) -> None:
         self.messages, self.cache, self.cached_tokens, self.audio = [], None, [], []
@@ -704,18 +725,16 @@ class Chat:
                 self.tokenizer, self.model.media_tokens, text, len(images)
             )
         messages.append({"role": "user", "content": text})
+        check_max_tokens(max_tokens)
+        if self.draft_model is not None and (images or audio or self.audio):
+            raise BadArgument("draft_model", "is for text turns only (no images or audio)")
         tokens, common = self._next_tokens(messages)
         if self.held_tokens is not None:  # the caches lack the end of the last answer
             common = min(common, self.held_tokens)
-            self.held_tokens = None
         if common == 0 and any(m.get("images") for m in self.messages):
             raise UserError("the conversation's images are no longer in the cache: /reset")
-        check_max_tokens(max_tokens)
-        if common == 0 or self.cache is None:
+        if self.cache is None:
             common = 0
-            self.draft_cache = None
-        if self.draft_model is not None and (images or audio or self.audio):
-            raise UserError("speculative decoding (a draft model) is for text turns only")
         # A prefill from scratch re-reads every turn's audio; a cached one only this turn's.
         turn_audio = (self.audio + audio) if common == 0 else audio
         new = tokens[common:]
@@ -730,12 +749,13 @@ class Chat:
             media.update(visual)
         tokens = tokens[:common] + new
         check_context(self.model, len(tokens), max_tokens)  # before the cache is touched
+        self.held_tokens = None  # the turn is accepted: from here on the caches change
         if common == 0:
-            self.cache = self.model.make_cache(self.kv_policy)
+            self.cache, self.draft_cache = self.model.make_cache(self.kv_policy), None
         prefilled = len(tokens) - common
         pieces, responses = [], []
-        spec = self._speculative(tokens, common)
         try:
+            spec = self._speculative(tokens, common)
             if media:
                 self.model(mx.array([new[:-1]]), cache=self.cache, last_only=True, **media)
                 mx.eval([c.state for c in self.cache])
@@ -779,16 +799,9 @@ class Chat:
         draft cache is brought to the target cache's ``common`` tokens first."""
         if self.draft_model is None:
             return {}
-        from gemma4_mlx.speculative import (
-            DEFAULT_NUM_DRAFT_TOKENS,
-            SpeculativeStats,
-            check_num_draft_tokens,
-            check_rewind,
-        )
+        from gemma4_mlx.speculative import SpeculativeStats, check_rewind
 
-        n = self.num_draft_tokens
-        n = DEFAULT_NUM_DRAFT_TOKENS if n is None else n
-        check_num_draft_tokens(n)
+        n = self.num_draft_tokens  # checked in __post_init__
         check_rewind(self.cache, n, "target's")
         if self.draft_cache is None or common == 0:
             self.draft_cache = self.draft_model.make_cache()

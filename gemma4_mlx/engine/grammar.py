@@ -282,7 +282,8 @@ def check_tools(tools: Any) -> None:
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if (
-            tool.get("type") != "function"
+            not isinstance(tool, dict)
+            or tool.get("type") != "function"
             or not isinstance(fn, dict)
             or not isinstance(fn.get("name"), str)
         ):

@@ -587,7 +587,12 @@ def chat(
     if session.template is None:
         _note(NO_TEMPLATE_NOTE)
     interactive = sys.stdin.isatty()
-    pending: dict[str, list] = {"audio": [], "images": []}  # media for the next message
+    # media for the next message, and the checkpoint's own image budget (as generate uses)
+    pending: dict = {"audio": [], "images": [], "image_tokens": 280}
+    if getattr(m, "has_vision", False):
+        from gemma4_mlx.media.image import default_budget
+
+        pending["image_tokens"] = default_budget(model_dir)
     while True:
         if interactive:
             sys.stdout.write(">> ")
@@ -607,7 +612,7 @@ def chat(
             _note("[interrupted: answer stopped]")
 
 
-def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) -> str | None:
+def _chat_line(session, line: str, max_tokens: int, pending: dict) -> str | None:
     """One line of the REPL: a /command or a message. Returns "quit" to end the session."""
     if not line:
         return None
@@ -652,6 +657,7 @@ def _chat_line(session, line: str, max_tokens: int, pending: dict[str, list]) ->
         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
         audio=audio or None,
         images=images or None,
+        image_tokens=pending["image_tokens"],
     )
     sys.stdout.write("\n")
     _note(
@@ -805,12 +811,18 @@ def serve(
     import logging
 
     from gemma4_mlx.cache import bind_policy
-    from gemma4_mlx.server import Server, ServerConfig
+    from gemma4_mlx.server import Server, ServerConfig, is_loopback
 
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     template = _read_template(chat_template, raw=False)
-    for name, value in (("--port", port), ("--max-queue", max_queue)):
-        if value < (0 if name == "--port" else 1) or (name == "--port" and value > 65535):
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port is out of range: {port}")
+    for name, value in (
+        ("--max-queue", max_queue),
+        ("--max-tokens-cap", max_tokens_cap),
+        ("--prompt-cache-bytes", prompt_cache_bytes),
+    ):
+        if value is not None and value < (0 if name == "--prompt-cache-bytes" else 1):
             raise UserError(f"{name} is out of range: {value}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = ServerConfig(
@@ -825,7 +837,7 @@ def serve(
         max_queue=max_queue,
         prompt_cache_bytes=prompt_cache_bytes,
     )
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(host) and not api_key:
         if allow_unauthenticated:
             _note(f"warning: serving {host} WITHOUT an API key: anyone who can reach it can use it")
     server = Server(config)  # /health answers 503 while the model loads

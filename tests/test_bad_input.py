@@ -78,6 +78,20 @@ CASES = [
     ("min-p-inf", [*G, "-p", "hi", "--min-p", "-inf"], b"", "'--min-p': '-inf' is not a", None),
     ("min-p-big", [*G, "-p", "hi", "--min-p", "2"], b"", "--min-p must be in [0, 1]", None),
     ("top-k-negative", [*G, "-p", "hi", "--top-k", "-1"], b"", "--top-k must be >= 0", None),
+    (
+        "serve-cap-zero",
+        ["serve", "-m", "{model}", "--max-tokens-cap", "0"],
+        b"",
+        "--max-tokens-cap is out of range: 0",
+        None,
+    ),
+    (
+        "serve-cache-negative",
+        ["serve", "-m", "{model}", "--prompt-cache-bytes", "-1"],
+        b"",
+        "--prompt-cache-bytes is out of range: -1",
+        None,
+    ),
     # option combinations that speculative decoding, media and prompt files cannot serve (yet)
     (
         "draft-with-image",

@@ -4,13 +4,14 @@ Positions ``[0, n_sink)`` are the exact sink (the first tokens, where Gemma park
 attention mass), ``[n_sink, n_quantized)`` are compressed, and the last tokens are held exact in
 the tail. A token is compressed as soon as it leaves the exact window of the newest query (so a
 query's reads never depend on when compression happened: chunking invariance), but its exact copy
-stays in the tail for ``max_rewind`` more tokens, with the running block sum after it. A trim of up
-to ``max_rewind`` tokens therefore restores the stream exactly as it was (codes, means, sums): it
-is what speculative decoding and prompt-prefix reuse need. A longer trim raises ``TrimError``.
-The price is constant per layer: max_rewind more exact tokens and max_rewind + 1 float32 sums
-per stream, about 1568 / context stored bits per channel at max_rewind=32 with bf16 exact tokens
-(benchmarks/memory.py, E2B global layers at 8K: 2.873 bits/channel against 2.686 before; at
-256K it is 0.006).
+stays in the tail for ``max_rewind`` more tokens. A trim of up to ``max_rewind`` tokens therefore
+restores the stream exactly as it was (codes, means, running sum): it is what speculative decoding
+and prompt-prefix reuse need. A longer trim raises ``TrimError``. The price is constant per layer:
+max_rewind more exact tokens and one float32 running-sum checkpoint per stream (a running sum at
+any later position is replayed from it over the exact tail copies, token by token, so it is the
+same whichever path reached it: a trimmed stream continues bit for bit like one that never saw the
+trimmed tokens). benchmarks/memory.py --quick, E2B tq2.5 at 8K, max_rewind=16: 2.717 stored
+bits/channel (2.686 without exact trims; 2.779 with a float32 sum kept after each rewind token).
 
 Centring: codes are taken of ``x - mean``. The first block of ``center_block`` tokens after the
 sink is centred on the mean of its first ``center`` tokens (until those have arrived nothing is
@@ -37,6 +38,10 @@ import numpy as np
 
 from turboquant.codec import CodecSpec, Encoded, encode, slice_encoded
 from turboquant.tiers import plan_tiers, tiers_fit
+
+# running sums over at most this many tokens (or 2 max_rewind + 1: a checkpoint's distance to
+# the end of a speculative draft) are added one token at a time
+_FOLD = 64
 
 
 class TrimError(ValueError):
@@ -189,9 +194,10 @@ class CompressedStream:
         self.tail: mx.array | None = None  # (B, H, offset - tail_start, D) exact
         self.tail_start = 0
         self.means: mx.array | None = None  # (B, H, blocks, D), the exact tokens' dtype
-        # float32 (B, H, k, D): the current block's running sum after each of the last k
-        # compressed tokens (positions [n_quantized - k, n_quantized)), so trims restore it
-        self.sums: mx.array | None = None
+        # float32 (B, H, 1, D), the checkpoint: the sum of the exact tokens of the block of
+        # position tail_start - 1 up to it, [block start, tail_start); None: none needed (no
+        # block means, or no token dropped from the tail yet). See _running_sum.
+        self.sum_base: mx.array | None = None
         self.order: mx.array | None = None  # (H, D) uint32: channels strongest first (tiers)
 
     def __deepcopy__(self, memo: dict) -> CompressedStream:
@@ -275,25 +281,45 @@ class CompressedStream:
             hi = min(x.shape[2], lo + self.layout.sink + (b + 1) * block - pos)
             seg = x[:, :, lo:hi].astype(mx.float32)
             parts.append(seg - self.means[:, :, b : b + 1])
-            sums = mx.cumsum(seg, axis=2)
-            if (pos - self.layout.sink) % block:  # the block has earlier tokens
-                sums = self.sums[:, :, -1:] + sums
-            self.sums = sums if self.sums is None else mx.concatenate([self.sums, sums], axis=2)
             pos, lo = pos + hi - lo, hi
             if self.layout.block_of(pos) > b:  # block b complete: its mean centres block b + 1
-                mean = (sums[:, :, -1:] / block).astype(self.means.dtype)
+                mean = (self._running_sum(pos) / block).astype(self.means.dtype)
                 self.means = mx.concatenate([self.means, mean], axis=2)
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
+    def _running_sum(self, p: int) -> mx.array:
+        """float32 (B, H, 1, D): the sum of the exact tokens of position p - 1's block up to it,
+        [block start, p), for ``tail_start <= p`` (a complete block's sum at its end). Replayed
+        from the checkpoint ``sum_base`` (or from the block start, if the block began at or after
+        tail_start) over the exact tail copies. Short spans are added one token at a time, so
+        the sum at p is the same left fold whichever checkpoint it started from: a trimmed stream
+        and one that never saw the trimmed tokens agree bit for bit. Longer spans (a long prompt
+        chunk) are summed at once."""
+        start = self.layout.sink + self.layout.block_of(p - 1) * self.layout.center_block
+        base, lo = (None, start) if start >= self.tail_start else (self.sum_base, self.tail_start)
+        x = self.tail[:, :, lo - self.tail_start : p - self.tail_start].astype(mx.float32)
+        if x.shape[2] > max(_FOLD, 2 * self.layout.max_rewind + 1):
+            total = mx.sum(x, axis=2, keepdims=True)
+            return total if base is None else base + total
+        for i in range(x.shape[2]):
+            base = x[:, :, i : i + 1] if base is None else base + x[:, :, i : i + 1]
+        return base
+
     def _drop_exact(self, start: int) -> None:
-        """Forget exact copies (and running sums) before ``start``, past the rewind budget."""
+        """Forget exact copies before ``start``, past the rewind budget; the running-sum
+        checkpoint moves to ``start`` first (from the copies about to go)."""
         if start > self.tail_start:
+            if self.layout.center_block and self.means is not None:
+                self.sum_base = self._running_sum(start)
             self.tail = self.tail[:, :, start - self.tail_start :]
             self.tail_start = start
-        if self.sums is not None:  # keep the sum after position tail_start - 1 onwards
-            keep = self.n_quantized - self.tail_start + 1
-            if self.sums.shape[2] > keep:
-                self.sums = self.sums[:, :, -keep:]
+
+    def running_sum(self) -> mx.array | None:
+        """float32 (B, H, 1, D): the current block's sum over its compressed tokens so far (None:
+        no block means)."""
+        if not (self.layout.center_block and self.means is not None):
+            return None
+        return self._running_sum(self.n_quantized)
 
     # -- trimming ---------------------------------------------------------------------------
     def can_trim(self, n: int) -> bool:
@@ -316,11 +342,9 @@ class CompressedStream:
             self.sink = self.sink[:, :, :new]
         self.tail = self.tail[:, :, : max(new - self.tail_start, 0)]
         self.tail_start = min(self.tail_start, new)
-        if self.sums is not None:
-            keep = self.sums.shape[2] - (self.n_quantized - end)
-            self.sums = self.sums[:, :, :keep] if keep > 0 else None
+        # the checkpoint (at tail_start, which stays unless everything past the sink goes) holds
         if self.means is not None and new < self.layout.sink + self.layout.center:
-            self.means = self.sums = self.order = None  # back before the first mean
+            self.means = self.sum_base = self.order = None  # back before the first mean
             self.spec = self.base_spec
         elif self.means is not None and self.layout.center_block:
             self.means = self.means[:, :, : self.layout.block_of(end) + 1]
@@ -332,7 +356,7 @@ class CompressedStream:
     def nbytes(self) -> int:
         """Bytes actually allocated: compressed storage (with its growth slack) + the rest."""
         total = 0 if self.codes is None else self.codes.nbytes
-        for a in (self.sink, self.tail, self.means, self.sums, self.order):
+        for a in (self.sink, self.tail, self.means, self.sum_base, self.order):
             total += 0 if a is None else a.nbytes
         return total
 
@@ -355,7 +379,12 @@ class CompressedStream:
             "spec": json.dumps(asdict(self.spec)),
             "base_spec": json.dumps(asdict(self.base_spec)),
         }
-        arrays = {"sink": self.sink, "tail": self.tail, "means": self.means, "sums": self.sums}
+        arrays = {
+            "sink": self.sink,
+            "tail": self.tail,
+            "means": self.means,
+            "sum_base": self.sum_base,
+        }
         return {"meta": meta, "codes": codes, "order": self.order, **arrays}
 
     @classmethod
@@ -374,6 +403,10 @@ class CompressedStream:
         if state.get("codes"):
             c = state["codes"]
             new.codes = Encoded(tuple(c["codes"]), c["norms"], c.get("signs"), c.get("res_norms"))
-        for name in ("sink", "tail", "means", "sums", "order"):
+        for name in ("sink", "tail", "means", "sum_base", "order"):
             setattr(new, name, state.get(name))
+        old = state.get("sums")  # files written with a sum after each rewind token: the one
+        if old is not None and new.sum_base is None:  # after position tail_start - 1, if kept
+            if old.shape[2] == new.n_quantized - new.tail_start + 1:
+                new.sum_base = old[:, :, :1]
         return new

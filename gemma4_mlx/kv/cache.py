@@ -27,10 +27,10 @@ from turboquant.stream import CompressedStream, Layout, StreamView, TrimError
 
 __all__ = ["SlidingKVCache", "TrimError", "TurboQuantKVCache", "StreamView"]
 
-# Tokens a trim may take back exactly (speculative drafts, prefix reuse). Each costs exact
-# tokens and float32 running sums per global layer (a fixed ~49 bits/channel a token, spread
-# over the context: 16 tokens add ~0.8 bits/channel at 1K tokens, ~0.05 at 16K); 16 covers
-# mlx-lm's draft lengths and the few tokens a re-tokenised chat turn gives back.
+# Tokens a trim may take back exactly (speculative drafts, prefix reuse). Each costs its exact
+# copy per global layer (~16 bits/channel a token, spread over the context: 16 tokens add
+# ~0.03 bits/channel at 8K, ~0.28 at 1K); 16 covers mlx-lm's draft lengths and the few tokens
+# a re-tokenised chat turn gives back.
 DEFAULT_MAX_REWIND = 16
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from gemma4_mlx.config import ModelConfig, _get, _positive
 from gemma4_mlx.errors import UserError
+from gemma4_mlx.models.text import RMSNorm  # Gemma 4's: x * rsqrt(mean(x^2) + eps) * w
 
 # Frames a query attends to: itself and the ones before it, ``0 <= t - s < window`` with
 # ``window = attention_context_left + WINDOW_MINUS_CONTEXT_LEFT``. -1 is transformers 5.24's rule
@@ -166,16 +167,6 @@ class ClippableLinear(nn.Module):
         x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
         x = self.linear(x)
         return mx.clip(x, self.output_min.astype(x.dtype), self.output_max.astype(x.dtype))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 class SubSampleConvLayer(nn.Module):

@@ -28,6 +28,7 @@ import numpy as np
 
 from gemma4_mlx.config import _get, _positive
 from gemma4_mlx.errors import UserError
+from gemma4_mlx.models.text import RMSNorm  # Gemma 4's: x * rsqrt(mean(x^2) + eps) * w
 
 # Head dims the fused attention kernel handles; others are zero-padded up to the next one.
 _FUSED_HEAD_DIMS = (64, 80, 128)
@@ -155,18 +156,6 @@ def _attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         q, k, v = (mx.pad(t, widths) for t in (q, k, v))
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :d]
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * w (Gemma 4: no 1 + w)."""
-
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 class VisionAttention(nn.Module):

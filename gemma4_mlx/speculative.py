@@ -190,8 +190,23 @@ def speculative_stream(
     tic = time.perf_counter()
     prompt_tps, n, run, new_step = 0.0, 0, 0, True  # run: drafts accepted in this step
     token, logprobs, from_draft = 0, None, False
+
+    def response(finish_reason: str | None) -> Any:  # the token just made, as mlx-lm says it
+        return GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+        )
+
     try:
-        for n, (token, logprobs, from_draft) in enumerate(steps):
+        for n, (token, logprobs, from_draft) in enumerate(steps):  # noqa: B007 (response reads them)
             if n == 0:
                 prompt_tps = prompt.size / (time.perf_counter() - tic)
                 tic = time.perf_counter()
@@ -209,32 +224,10 @@ def speculative_stream(
             detokenizer.add_token(token)
             if n + 1 == max_tokens:
                 break
-            yield GenerationResponse(
-                text=detokenizer.last_segment,
-                token=token,
-                logprobs=logprobs,
-                from_draft=from_draft,
-                prompt_tokens=prompt.size,
-                prompt_tps=prompt_tps,
-                generation_tokens=n + 1,
-                generation_tps=(n + 1) / (time.perf_counter() - tic),
-                peak_memory=mx.get_peak_memory() / 1e9,
-                finish_reason=None,
-            )
+            yield response(None)
     finally:
         steps.close()  # mlx-lm's loop rewinds the caches by the last step's rejected drafts
     if not new_step:  # the last step ended inside its accepted drafts (max_tokens, a stop)
         stats.accepted_per_step.append(run)
     detokenizer.finalize()
-    yield GenerationResponse(
-        text=detokenizer.last_segment,
-        token=token,
-        logprobs=logprobs,
-        from_draft=from_draft,
-        prompt_tokens=prompt.size,
-        prompt_tps=prompt_tps,
-        generation_tokens=n + 1,
-        generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
-    )
+    yield response("stop" if token in tokenizer.eos_token_ids else "length")

@@ -284,3 +284,19 @@ def test_cli_refuses_an_assistant_for_another_model_in_one_line(
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1
     assert ("hidden size" if kind == "size" else "vocabulary") in err
     assert out == ""
+
+
+def test_a_converted_quantized_assistant_drafts_losslessly(fitted, tmp_path):
+    from gemma4_mlx.convert import convert
+    from gemma4_mlx.speculative import load_draft
+
+    model, tokenizer, _, path = fitted("e4b")
+    out = convert(path, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma4_assistant" and config["quantization"]["bits"] == 8
+    draft = load_draft(out)
+    assert "scales" in dict(draft.pre_projection.items())  # quantized, as written
+    prompt = _prompt(30, seed=5)
+    greedy = generate(model, tokenizer, prompt, 12)
+    spec = generate(model, tokenizer, prompt, 12, draft_model=draft, num_draft_tokens=2)
+    assert spec.tokens == greedy.tokens and spec.drafted_tokens > 0

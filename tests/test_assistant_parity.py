@@ -132,3 +132,30 @@ def test_drafting_reads_quantized_and_compressed_target_keys(pairs):
     err = float(np.abs(got - exact).max())
     print(f"{policy}: drafted logits vs the exact cache's, max abs difference {err:.3f}")
     assert np.isfinite(got).all() and err > 0
+
+
+@pytest.mark.parametrize("name", ["e2b", "26b"])
+def test_speculative_tokens_match_transformers_assisted_generation(name, pairs, tmp_path):
+    """The whole loop, greedy: our tokens are those transformers' assisted generation with the
+    same drafter gives (and plain greedy decoding's)."""
+    from tiny_tokenizer import write_tokenizer
+
+    from gemma4_mlx.config import parse_config
+    from gemma4_mlx.generate import generate
+    from gemma4_mlx.loading import load_tokenizer
+
+    target, assistant, hf_target, hf_assistant = pairs(name)
+    write_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path, parse_config(tiny.TINY_CONFIGS[name]))
+    ids, n_new = _ids(24, seed=3), 16
+    hf_assistant.generation_config.num_assistant_tokens = 3
+    with torch.no_grad():
+        prompt = torch.tensor([ids])
+        want = hf_target.generate(
+            prompt, assistant_model=hf_assistant, max_new_tokens=n_new, do_sample=False
+        )[0, len(ids) :].tolist()
+        plain = hf_target.generate(prompt, max_new_tokens=n_new, do_sample=False)
+    got = generate(target, tokenizer, ids, n_new, draft_model=assistant, num_draft_tokens=3)
+    print(f"{name}: transformers {want}\n{name}: ours         {got.tokens}")
+    assert got.tokens == want == plain[0, len(ids) :].tolist()
+    assert got.drafted_tokens > 0

@@ -104,6 +104,21 @@ def check_draft_model(model: Any, draft_model: Any) -> None:
         )
 
 
+def prepare_draft(
+    model: Any, draft_model: Any, num_draft_tokens: int | None, policy: Any = None
+) -> tuple[Any, int]:
+    """(draft, tokens per step) checked against ``model`` and its caches under ``policy``
+    before any work: ``draft_model`` a model or a checkpoint path (load_draft)."""
+    if isinstance(draft_model, (str, Path)):
+        draft_model = load_draft(draft_model)
+    check_draft_model(model, draft_model)
+    n = DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+    check_num_draft_tokens(n)
+    check_rewind(model.make_cache(policy), n, "target's")
+    check_rewind(draft_model.make_cache(), n - 1, "draft model's")
+    return draft_model, n
+
+
 def _text_config(model: Any) -> Any:
     target = model.language_model if hasattr(model, "language_model") else model
     return target.config
@@ -177,32 +192,71 @@ def speculative_stream(
 ) -> Iterator[Any]:
     """Yield mlx-lm GenerationResponse objects for the completion of the prompt whose tokens
     neither cache holds yet are ``tokens`` (both caches hold the same tokens before them: a new
-    prompt's caches are empty); ``stats`` is filled in as tokens come. A gemma4_assistant
-    ``draft_model`` has no cache (``draft_cache`` is empty) and drafts by ``assistant_steps``
-    with ``sampling`` (SamplingOptions; None: greedy); any other runs mlx-lm's loop."""
+    prompt's caches are empty); ``stats`` is filled in as tokens come. See speculative_steps."""
+    steps = speculative_steps(
+        model, tokens, draft_model, num_draft_tokens, max_tokens, sampler, cache, draft_cache,
+        stats, sampling,
+    )  # fmt: skip
+    yield from _responses(tokenizer, len(tokens), steps, max_tokens)
+
+
+def speculative_steps(
+    model: Any,
+    tokens: list[int],
+    draft_model: Any,
+    num_draft_tokens: int,
+    max_tokens: int,
+    sampler: Any,
+    cache: list[Any],
+    draft_cache: list[Any],
+    stats: SpeculativeStats,
+    sampling: Any = None,
+    banned: list[int] | None = None,
+) -> Iterator[Step]:
+    """(token, the target's logprobs, from_draft) for up to max_tokens tokens (stop tokens are
+    the caller's business). A gemma4_assistant ``draft_model`` has no cache (``draft_cache`` is
+    empty) and drafts by ``assistant_steps`` with ``sampling`` (SamplingOptions; None:
+    greedy); any other runs mlx-lm's loop with ``sampler``. ``banned`` token ids are never
+    drafted nor sampled (the target's logits there are -inf, as plain decoding with the same
+    ban). A draft longer than the caches rewind is refused (BadArgument) before anything runs."""
     check_num_draft_tokens(num_draft_tokens)
     # The target trims up to N rejected drafts per step, the draft up to N - 1.
     check_rewind(cache, num_draft_tokens, "target's")
     if getattr(draft_model, "is_assistant", False):
-        steps = assistant_steps(
-            model, draft_model, tokens, num_draft_tokens, max_tokens, sampling, cache, stats
-        )
-    else:
-        check_rewind(draft_cache, num_draft_tokens - 1, "draft model's")
-        steps = _mlx_lm_steps(
-            model, tokens, draft_model, num_draft_tokens, max_tokens, sampler, cache,
-            draft_cache, stats,
+        return assistant_steps(
+            model, draft_model, tokens, num_draft_tokens, max_tokens, sampling, cache, stats,
+            banned=banned,
         )  # fmt: skip
-    yield from _responses(tokenizer, len(tokens), steps, max_tokens)
+    check_rewind(draft_cache, num_draft_tokens - 1, "draft model's")
+    return _mlx_lm_steps(
+        model, tokens, draft_model, num_draft_tokens, max_tokens, sampler, cache, draft_cache,
+        stats, banned,
+    )  # fmt: skip
+
+
+def _ban(banned: list[int] | None) -> Any:
+    """logits (..., V) -> the same with ``banned`` ids at -inf (identity without a ban)."""
+    if not banned:
+        return lambda logits: logits
+    ids = mx.array(banned, dtype=mx.int32)
+
+    def ban(logits: mx.array) -> mx.array:
+        logits = mx.array(logits)  # a copy: the caller's array is left as it is
+        logits[..., ids] = -mx.inf
+        return logits
+
+    return ban
 
 
 def _mlx_lm_steps(
-    model, tokens, draft_model, num_draft_tokens, max_tokens, sampler, cache, draft_cache, stats
-) -> Iterator[Step]:
+    model, tokens, draft_model, num_draft_tokens, max_tokens, sampler, cache, draft_cache, stats,
+    banned=None,
+) -> Iterator[Step]:  # fmt: skip
     """mlx-lm's speculative_generate_step over our models; ``stats`` counted from its
     from_draft flags (a step: the drafts the target kept, closed by one token of its own)."""
     from mlx_lm.generate import speculative_generate_step
 
+    ban = _ban(banned)
     steps = speculative_generate_step(
         mx.array(tokens),
         _WithCache(model, len(cache)),
@@ -210,6 +264,7 @@ def _mlx_lm_steps(
         num_draft_tokens=num_draft_tokens,
         max_tokens=max_tokens,
         sampler=sampler,
+        logits_processors=[lambda _, logits: ban(logits)] if banned else None,
         prompt_cache=list(cache) + list(draft_cache),
     )
     run, new_step = 0, True  # run: drafts accepted in this step
@@ -360,7 +415,7 @@ def _distribution(logits: mx.array, sampling: Any) -> mx.array:
     return mx.softmax(logprobs * (1.0 / sampling.temp), axis=-1)
 
 
-def _draft(lm, assistant, token: int, hidden, kv: dict, p: int, n: int, sampling) -> tuple:
+def _draft(lm, assistant, token, hidden, kv: dict, p: int, n: int, sampling, ban=None) -> tuple:
     """n drafts from ``token`` at position p, the target's ``hidden`` state at p - 1 and its
     stored keys/values ``kv`` (TargetKV.for_position) -> (tokens (n,), the drafter's logits
     (n, V), the distributions the tokens were sampled from (n, V), or None when greedy)."""
@@ -371,6 +426,8 @@ def _draft(lm, assistant, token: int, hidden, kv: dict, p: int, n: int, sampling
         x = mx.concatenate([lm.model.scale_embeddings(embed(current)), hidden], axis=-1)
         logits, hidden = assistant.draft_step(x, p, kv)  # hidden: (1, 1, backbone) for the next
         logits = logits[0, -1].astype(mx.float32)
+        if ban is not None:
+            logits = ban(logits)
         if sampling is None:
             current = mx.argmax(logits)[None, None]
         else:
@@ -421,6 +478,7 @@ def assistant_steps(
     cache: list[Any],
     stats: SpeculativeStats,
     prefill_step: int = 512,
+    banned: list[int] | None = None,
 ) -> Iterator[Step]:
     """The tokens of the completion of ``tokens`` (the prompt's tokens ``cache`` lacks), drafted
     by a gemma4_assistant ``assistant`` and verified by ``model``; ``stats`` as they come.
@@ -429,13 +487,14 @@ def assistant_steps(
     if sampling is not None and sampling.temp == 0:
         sampling = None
     window = lm.config.sliding_window
+    ban = _ban(banned)
     kv, stored = None, {}
     for i in range(0, len(tokens), prefill_step):  # the prompt, chunk by chunk
         chunk = tokens[i : i + prefill_step]
         h = lm.hidden_states(mx.array([chunk]), cache, stored)
         kv = TargetKV.after_call(stored, cache[0].offset, kv)
         mx.eval(h, [c.state for c in cache])
-    logits = lm.logits(h[:, -1:])[0].astype(mx.float32)  # (1, V)
+    logits = ban(lm.logits(h[:, -1:])[0].astype(mx.float32))  # (1, V)
     _, token = _verify(logits, [], None, sampling)
     hidden, position, made = h[:, -1:], cache[0].offset, 1
     yield token, _logprobs(logits[0]), False
@@ -445,12 +504,12 @@ def assistant_steps(
         if n:
             drafted, _, q = _draft(
                 lm, assistant, token, hidden, kv.for_position(position, window), position, n,
-                sampling,
+                sampling, ban,
             )  # fmt: skip
             drafts = drafted.tolist()
         h = lm.hidden_states(mx.array([[token, *drafts]]), cache, stored)
         kv = TargetKV.after_call(stored, position + n + 1, kv)
-        logits = lm.logits(h)[0].astype(mx.float32)  # (n + 1, V)
+        logits = ban(lm.logits(h)[0].astype(mx.float32))  # (n + 1, V)
         accepted, token = _verify(logits, drafts, q, sampling)
         if n > accepted:
             for c in cache:

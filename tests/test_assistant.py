@@ -300,3 +300,51 @@ def test_a_converted_quantized_assistant_drafts_losslessly(fitted, tmp_path):
     greedy = generate(model, tokenizer, prompt, 12)
     spec = generate(model, tokenizer, prompt, 12, draft_model=draft, num_draft_tokens=2)
     assert spec.tokens == greedy.tokens and spec.drafted_tokens > 0
+
+
+# -- serve --draft-model -------------------------------------------------------------------
+
+
+def _serve(model_dir, draft=None):
+    from gemma4_mlx.loading import load
+    from gemma4_mlx.server import Server, ServerConfig
+    from gemma4_mlx.speculative import prepare_draft
+
+    model, tokenizer = load(model_dir)
+    server = Server(ServerConfig(port=0, model_id="tiny"))
+    server.attach(model, tokenizer, model_dir, draft=draft and prepare_draft(model, draft, 3))
+    return server
+
+
+def _ask(server, messages, **extra) -> dict:
+    import urllib.request
+
+    body = dict(model="tiny", messages=messages, max_tokens=12, temperature=0, **extra)
+    request = urllib.request.Request(
+        server.url + "/v1/chat/completions", json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.parametrize("drafter", ["assistant", "draft_model"])
+def test_serve_with_a_draft_answers_as_without(tiny_chat_model, fitted, drafter):
+    """Greedy answers through the server with a draft (the assistant, or a draft model: the
+    target's own weights) are the plain server's, a follow-up turn (its prompt cache) too."""
+    draft = fitted("e2b")[3] if drafter == "assistant" else tiny_chat_model
+    plain, spec = _serve(tiny_chat_model), _serve(tiny_chat_model, draft)
+    try:
+        chat = [{"role": "user", "content": "hello world"}]
+        for turn in ("the quick fox", "weather in paris"):
+            a, b = _ask(plain, chat), _ask(spec, chat)
+            assert b["choices"][0]["message"] == a["choices"][0]["message"]
+            assert b["usage"] == a["usage"]
+            chat += [a["choices"][0]["message"], {"role": "user", "content": turn}]
+        engine = spec.state.api.engine
+        assert engine.drafted > 0 and plain.state.api.engine.drafted == 0
+        if drafter == "draft_model":  # the target's own weights: every draft kept
+            assert engine.accepted == engine.drafted
+    finally:
+        plain.close()
+        spec.close()

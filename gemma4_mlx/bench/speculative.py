@@ -13,7 +13,8 @@ last, prefill excluded), the speed-up over plain decoding, drafted and accepted 
 acceptance rate. These are the CPU build's MLX kernels: on a Mac's GPU the ratios differ (a
 verification call of N+1 tokens costs nearly one decode step there; here it costs more).
 
-    python benchmarks/speculative.py            # N = 1..6, 2 prompts x 128 tokens (~15 min here)
+    python benchmarks/speculative.py            # N = 1..6, 2 prompts x 128 tokens (~1 h here)
+    python benchmarks/speculative.py --prompts 1 --max-tokens 48   # the README's run (29 min)
     python benchmarks/speculative.py --quick    # N = 2, 1 prompt x 16 tokens, 4-bit, exact (CI)
     (also: gemma4-mlx bench speculative [options])
 """

@@ -16,6 +16,13 @@ the target's distribution (the draft only decides how many of the target's sampl
 per call). This "exact match" rule accepts less often than the rejection-sampling rule of
 Leviathan et al. when sampling, but needs no draft probabilities; tests/test_speculative.py
 checks both properties (token equality; a chi-square test on the sampled distribution).
+
+The assistant drafter (models/assistant.py) keeps no cache: each round it drafts from the
+target's last hidden state and the keys/values its last sliding and full layers stored
+(``TargetKV``), and the round's verification is ours (``assistant_steps``): greedy, a draft is
+kept when it is the target's argmax; sampling, Leviathan et al.'s accept/reject rule with the
+drafter's probabilities, which also gives exactly the target's distribution
+(tests/test_assistant.py checks both).
 """
 
 from __future__ import annotations

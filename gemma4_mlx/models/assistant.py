@@ -148,6 +148,11 @@ class Assistant(nn.Module):
                 f"target's is {target.hidden_size}; use the assistant made for this model size"
             )
         stored = {s.layer_type: s for s in target.layers if not s.is_kv_shared}
+        if len(stored) < 2:  # every Gemma 4 has both; the drafter's loop reads both
+            raise UserError(
+                "a gemma4_assistant drafter reads a sliding and a full-attention layer of the "
+                f"target, which has only {', '.join(stored) or 'neither'}"
+            )
         for layer in cfg.layers:
             src = stored.get(layer.layer_type)
             if src is None or (src.head_dim, src.n_kv_heads) != (layer.head_dim, layer.n_kv_heads):

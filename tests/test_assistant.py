@@ -348,3 +348,11 @@ def test_serve_with_a_draft_answers_as_without(tiny_chat_model, fitted, drafter)
     finally:
         plain.close()
         spec.close()
+
+
+def test_cli_serve_refuses_num_draft_tokens_without_a_draft_in_one_line(tiny_chat_model, capsys):
+    from test_cli import run_cli
+
+    args = ["serve", "-m", str(tiny_chat_model), "--port", "0", "--num-draft-tokens", "2"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and "needs --draft-model" in err and err.count("\n") == 1

@@ -15,7 +15,11 @@ layers, which hold nearly all KV memory at long context, get what the policy say
   (and, with ``block``, each later block of that many tokens on the mean of the block before it),
   key channels in up to ``tiers`` tiers by their variance over the centring tokens (strong
   channels get more of the key bits), codec ``mse`` (with norm correction) or ``prod`` (MSE at
-  b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py chose
+  b-1 bits + 1-bit QJL residual), and the scalar grid of the MSE codes: ``grid=lloyd``
+  (Lloyd-Max codebooks, read by decoding each block) or ``grid=uniform`` (the MSE-optimal
+  uniform grid, read in place by ``mx.quantized_matmul``: bits 2..8 but not 7, key bits in
+  steps of 1/8 with tiers; a head dim whose groups qmm cannot take, not a multiple of 32, is
+  read by decoding, as with Lloyd-Max). The defaults are what benchmarks/quality.py and needle.py chose
   on real weights (README: the rule and the numbers).
 
 A policy has one text form, ``str(policy)``, which ``KVPolicy.parse`` reads back (the CLI's
@@ -23,7 +27,7 @@ A policy has one text form, ``str(policy)``, which ``KVPolicy.parse`` reads back
 
     exact
     affine:4                     (group=64 unless said)
-    turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse
+    turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse[,grid=uniform]
 
 ``parse`` also takes the short forms a person types: ``turboquant`` (every default),
 ``turboquant:3.5`` (an average of 3.5 bits split as DEFAULT_SPLITS says: K5/V2),
@@ -41,7 +45,8 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
 from gemma4_mlx.kv.cache import DEFAULT_MAX_REWIND, SlidingKVCache
-from turboquant.tiers import tiers_fit
+from turboquant.codebook import GRIDS
+from turboquant.tiers import QMM_TIER_BITS, tiers_fit
 
 KV_KINDS = ("exact", "affine", "turboquant")
 KIND_ALIASES = {"fp16": "exact"}  # the old name of the exact cache (it was never only fp16)
@@ -62,6 +67,7 @@ DEFAULT_AFFINE_BITS = 4
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mlx's affine quantization packs
 DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
 EXACT_DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_GRID = "lloyd"
 
 # The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
 # or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
@@ -75,6 +81,7 @@ SPEC_KEYS = {
     "center": ("center", ("turboquant",)),
     "block": ("center_block", ("turboquant",)),
     "codec": ("codec", ("turboquant",)),
+    "grid": ("grid", ("turboquant",)),
     "exact": ("exact_dtype", ("turboquant",)),
     "seed": ("seed", ("turboquant",)),
     "group": ("group_size", ("affine",)),
@@ -84,6 +91,7 @@ FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
 COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
 QUIET = {
     "exact_dtype": None,
+    "grid": DEFAULT_GRID,
     "seed": 0,
     "max_rewind": DEFAULT_MAX_REWIND,
 }  # left out of the text form at these values
@@ -133,13 +141,15 @@ class KVPolicy:
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
+    grid: str = DEFAULT_GRID  # turboquant mse: "lloyd" | "uniform" (the module docstring)
     fp_window: int = 32  # turboquant: each query's most recent tokens read exact
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
     center_block: int = 512  # turboquant: a new mean every this many tokens (0: one mean)
     # turboquant: key channels in up to this many tiers by their variance (0: off; a layer gets
-    # the most that fit its head dim: divisible by 2^tiers, >= 4 channels a tier). None: the
+    # the most that fit its head dim: divisible by 2^tiers, >= 4 channels a tier, uniform
+    # grid: a multiple of 32). None: the
     # default, DEFAULT_TIERS where tiers apply (centring on, mse codec), else 0.
     key_tiers: int | None = None
     group_size: int = 64  # affine
@@ -219,11 +229,25 @@ class KVPolicy:
                 "center",
                 f"({self.center}) must be <= block ({self.center_block}; block=0 for one mean)",
             )
+        if self.grid not in GRIDS:
+            raise KVPolicyError("grid", f"must be {' or '.join(GRIDS)}, got {self.grid!r}")
+        uniform = self.grid == "uniform"
+        if uniform and self.codec != "mse":
+            raise KVPolicyError("grid", "uniform is for the mse codec only")
         key, value = self._split(bits)
-        low, high = (2, 9) if self.codec == "prod" else (1, 8)
+        low, high = (2, 9) if self.codec == "prod" else ((2, 8) if uniform else (1, 8))
+        tiered = self.key_tiers != 0 and self.center and self.codec == "mse"
         for name, b in (("key_bits", key), ("value_bits", value)):
-            if not low <= b <= high or not _half_steps(b):
-                raise KVPolicyError(name, f"must be {low}..{high} in steps of 0.5, got {b:g}")
+            # with key tiers the tier planner spends any multiple of 1/8 bit a channel
+            eighths = name == "key_bits" and tiered
+            if not low <= b <= high or not float(b * (8 if eighths else 2)).is_integer():
+                steps = "1/8" if eighths else "0.5"
+                raise KVPolicyError(name, f"must be {low}..{high} in steps of {steps}, got {b:g}")
+            if uniform and not eighths and 6 < b < 8:  # split over 6 and 7, or 7 and 8 bits
+                raise KVPolicyError(
+                    name, f"the uniform grid's bits are {', '.join(map(str, QMM_TIER_BITS))} "
+                    f"(and halves between them), got {b:g}",
+                )  # fmt: skip
             set_(self, name, int(b) if float(b).is_integer() else float(b))
         tiers = self.key_tiers
         if tiers is None:
@@ -286,7 +310,7 @@ class KVPolicy:
             name = SPEC_KEYS[key][0]
             if name in options:
                 raise KVPolicyError(name, f"given twice in {text!r}")
-            if name in ("codec", "exact_dtype"):
+            if name in ("codec", "exact_dtype", "grid"):
                 options[name] = value
             elif name in ("key_bits", "value_bits"):
                 options[name] = _number(key, value)
@@ -327,9 +351,9 @@ class KVPolicy:
         """Key tiers for a layer of ``head_dim``: the most, up to the policy's, that fit (head
         dim divisible by 2^tiers, >= 4 channels a tier)."""
         n = self.nominal_tiers
-        while n and not tiers_fit(head_dim, n):
+        while n and not tiers_fit(head_dim, n, self.grid):
             n -= 1
-        return n
+        return n if n >= 2 else 0
 
     def exact_tokens(self) -> int:
         """The most tokens a turboquant cache holds without compressing any: the sink plus the
@@ -348,8 +372,9 @@ class KVPolicy:
             centre += f", then on each previous block of {self.center_block}"
         tiers = f", keys in {self.key_tiers} channel tiers" if self.key_tiers else ""
         exact = self.exact_dtype or dtype
+        grid = " uniform-grid" if self.grid == "uniform" else ""
         return (
-            f"turboquant {self.codec} K{self.key_bits:g}/V{self.value_bits:g}{tiers}, "
+            f"turboquant {self.codec}{grid} K{self.key_bits:g}/V{self.value_bits:g}{tiers}, "
             f"{self.sink} first and {self.fp_window} recent tokens exact"
             + (f" ({exact})" if exact else "")
             + f", {centre}"
@@ -419,8 +444,12 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
     seed = policy.seed + spec.index
     norm_correction = policy.codec == "mse"
     try:
-        key_spec = CodecSpec(spec.head_dim, key_bits, policy.codec, norm_correction, seed=seed)
-        value_spec = CodecSpec(spec.head_dim, value_bits, policy.codec, norm_correction, seed=seed)
+        key_spec, value_spec = (
+            CodecSpec(
+                spec.head_dim, bits, policy.codec, norm_correction, seed=seed, grid=policy.grid
+            )
+            for bits in (key_bits, value_bits)
+        )
     except ValueError as e:
         raise UserError(f"KV cache settings: {e}") from None
     import mlx.core as mx

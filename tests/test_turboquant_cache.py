@@ -443,3 +443,18 @@ def test_kv_shared_consumers_read_the_producers_compressed_cache(tiny_checkpoint
     assert cache[4].layout.center_block == 0  # centring off: the default's block size is moot
     model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
     assert cache[4].offset == 5
+
+
+@pytest.mark.parametrize("bits", [2.5, 3.0, 3.125, 4.0, 6.5])
+@pytest.mark.parametrize("dim,n", [(256, 4), (512, 4), (128, 3)])
+def test_uniform_tier_plans_are_ones_quantized_matmul_reads(bits, dim, n):
+    from turboquant.codec import CodecSpec
+    from turboquant.tiers import plan_tiers
+
+    energy = np.sort(np.random.default_rng(dim).gamma(0.3, size=dim))[::-1]
+    tiers = plan_tiers(energy, bits, n, "uniform")
+    mean = sum(c * b for c, b in tiers) / dim
+    spec = CodecSpec(dim, mean, tiers=tiers, grid="uniform")
+    print(f"{bits} bits at d={dim}: {tiers} (mean {mean:.4f})")
+    assert spec.qmm_ready and bits - 32 / dim <= mean <= bits + 1e-9
+    assert all(b.is_integer() or c >= 64 for c, b in tiers)

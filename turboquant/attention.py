@@ -195,33 +195,37 @@ def _group_reads(view: StreamView) -> list[_GroupRead]:
     ]
 
 
-def _affine(view: StreamView, groups: list[_GroupRead], a: int, b: int, s: Softmax | None):
-    """Storage slots [a, b) of every group: (codes, scales, biases) for quantized_matmul, the
-    scales the block norms (B, H, T, 1) float32 and the biases -centre x norm. ``s``: made to
-    wait for those accumulators (blockwise prefill: one block's transient at a time)."""
+def _affine(view: StreamView, groups: list[_GroupRead], a: int, b: int, s, fold_step: bool):
+    """Storage slots [a, b) of every group: (codes, scales, biases) for quantized_matmul or
+    dequantize: the scales the block norms (B, H, T, 1) float32 (times the group's step if
+    ``fold_step``), the biases -centre x scale. ``s``: made to wait for those accumulators
+    (blockwise prefill: one block's transient at a time)."""
     whole = a == 0 and b == view.capacity
     codes = [c if whole else c[:, :, a:b] for c in view.codes.codes]
     norms = view.codes.norms if whole else view.codes.norms[..., a:b]  # (blocks, B, H, T)
     if s is not None:
         *codes, norms = mx.depends([*codes, norms], [s.acc_rot, s.acc_exact, s.denom])
     norms = norms.astype(mx.float32)[..., None]
-    return [
-        (code, norms[g.block], norms[g.block] * -((2**g.bits - 1) / 2))
-        for code, g in zip(codes, groups)
-    ]
+    out = []
+    for code, g in zip(codes, groups):
+        scale = norms[g.block] * g.step if fold_step else norms[g.block]
+        out.append((code, scale, scale * -((2**g.bits - 1) / 2)))
+    return out
 
 
-def _per_block(x: mx.array, layout, a: int, b: int) -> mx.array:
-    """(..., blocks) per-mean values -> (..., b - a) per storage slot (slot i: mean i // block)."""
+def _per_block(x: mx.array, layout, a: int, b: int, axis: int = -1) -> mx.array:
+    """Per-mean values along ``axis`` (one per block of center_block slots) -> one per storage
+    slot of [a, b) (slot i: mean i // center_block); no blocks: the one mean (size 1)."""
+    x = mx.moveaxis(x, axis, -1)
     if not layout.center_block:
-        return x[..., :1]
+        return mx.moveaxis(x[..., :1], -1, axis)
     size = layout.center_block
     lo, hi = a // size, (b - 1) // size + 1
     if hi > x.shape[-1]:  # storage slots past the live codes (masked): no mean yet
         x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, hi - x.shape[-1])])
     x = mx.broadcast_to(x[..., lo:hi, None], (*x.shape[:-1], hi - lo, size))
     x = x.reshape(*x.shape[:-2], (hi - lo) * size)
-    return x[..., a - lo * size : b - lo * size]
+    return mx.moveaxis(x[..., a - lo * size : b - lo * size], -1, axis)
 
 
 def _block_sums(p: mx.array, layout, a: int, b: int) -> tuple[mx.array, int]:
@@ -236,12 +240,29 @@ def _block_sums(p: mx.array, layout, a: int, b: int) -> tuple[mx.array, int]:
     return mx.sum(p.reshape(*p.shape[:-1], hi - lo, size), axis=-1), lo
 
 
+def _dequantized(args, groups: list[_GroupRead]) -> mx.array:
+    """(B, H, T, D) float rotated vectors from ``_affine(..., fold_step=True)``."""
+    parts = [
+        mx.dequantize(code, scale, bias, group_size=g.count, bits=g.bits)
+        for g, (code, scale, bias) in zip(groups, args)
+    ]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
 def _qmm_block(s, qs, q_rot, keys, values, means, a, b, read, wait):
-    """Fold storage slots [a, b) (positions n_sink + a ...) in, reading the codes in place."""
+    """Fold storage slots [a, b) (positions n_sink + a ...) in, reading the codes in place
+    (``qmm``) or dequantized to floats (``dequant``: the means then join the vectors)."""
     kg, vg = _group_reads(keys), _group_reads(values)
-    k_args = _affine(keys, kg, a, b, s if wait else None)
-    v_args = _affine(values, vg, a, b, s if wait else None)
-    if read == "qmm":
+    dequant = read == "dequant"
+    k_args = _affine(keys, kg, a, b, s if wait else None, dequant)
+    v_args = _affine(values, vg, a, b, s if wait else None, dequant)
+    if dequant:
+        k_dec, v_dec = _dequantized(k_args, kg), _dequantized(v_args, vg)
+        if means is not None:
+            k_dec = k_dec + _per_block(means[0], keys.layout, a, b, axis=-2)
+            v_dec = v_dec + _per_block(means[1], values.layout, a, b, axis=-2)
+        scores = q_rot @ k_dec.swapaxes(-1, -2)  # (B, n_kv, rows, T)
+    else:
         scores = None
         for g, (code, scale, bias) in zip(kg, k_args):
             x = q_rot[..., g.first : g.first + g.count] * g.step
@@ -249,38 +270,19 @@ def _qmm_block(s, qs, q_rot, keys, values, means, a, b, read, wait):
                 x, code, scale, bias, transpose=True, group_size=g.count, bits=g.bits
             )
             scores = part if scores is None else scores + part
-    else:  # dequant: float keys of this block, one BLAS matmul
-        k_dec = mx.concatenate(
-            [
-                mx.dequantize(code, scale, bias, group_size=g.count, bits=g.bits) * g.step
-                for g, (code, scale, bias) in zip(kg, k_args)
-            ],
-            axis=-1,
-        )
-        scores = q_rot @ k_dec.swapaxes(-1, -2)  # (B, n_kv, rows, T)
-    if means is not None:  # q . (the mean its slot was centred on)
-        scores = scores + _per_block(q_rot @ means[0].swapaxes(-1, -2), keys.layout, a, b)
+        if means is not None:  # q . (the mean its slot was centred on)
+            scores = scores + _per_block(q_rot @ means[0].swapaxes(-1, -2), keys.layout, a, b)
     k_pos = keys.n_sink + mx.arange(a, b)
     ok = (k_pos[None, :] < qs.exact_from) & (k_pos[None, :] < keys.n_quantized)
     s, p = softmax_step(s, scores, qs.visible(k_pos, ok))
-    if read == "qmm":
-        parts = [
-            mx.quantized_matmul(
-                p, code, scale, bias, transpose=False, group_size=g.count, bits=g.bits
-            )
-            * g.step
-            for g, (code, scale, bias) in zip(vg, v_args)
-        ]
-        out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-    else:
-        v_dec = mx.concatenate(
-            [
-                mx.dequantize(code, scale, bias, group_size=g.count, bits=g.bits) * g.step
-                for g, (code, scale, bias) in zip(vg, v_args)
-            ],
-            axis=-1,
-        )
-        out = p @ v_dec
+    if dequant:
+        return s._replace(acc_rot=s.acc_rot + p @ v_dec)
+    parts = [
+        mx.quantized_matmul(p, code, scale, bias, transpose=False, group_size=g.count, bits=g.bits)
+        * g.step
+        for g, (code, scale, bias) in zip(vg, v_args)
+    ]
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if means is not None:
         sums, lo = _block_sums(p, values.layout, a, b)
         v_means = means[1][:, :, lo : lo + sums.shape[-1]]

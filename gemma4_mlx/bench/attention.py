@@ -28,7 +28,6 @@ A check compares each TurboQuant uniform path with its float decode reference (1
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path

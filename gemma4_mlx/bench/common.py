@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from gemma4_mlx.cache import KVPolicy
+from gemma4_mlx.cache import KIND_ALIASES, KV_KINDS, KVPolicy, KVPolicyError
 
 LICENSES = Path("/usr/share/common-licenses")
 # The model runs in float32 here, but Gemma 4 runs in bfloat16 on a Mac: TurboQuant's exact tokens
@@ -116,15 +118,45 @@ def named(*policies) -> dict:
 
 
 def choose(aliases: dict, names: str) -> dict:
-    """Settings picked on a command line: ``all``, or comma-separated aliases (the keys of
-    ``aliases``, which map to policies) or result names; fp32 (the baseline) always comes first.
+    """Settings picked on a command line: ``all``, or a list of aliases (the keys of
+    ``aliases``, which map to policies), result names or any KV policy text form
+    (``KVPolicy.parse``: ``affine:4``, ``turboquant:k3.5,v2``), separated by ``;`` or, when no
+    text form has a comma in it, by ``,``; fp32 (the baseline) always comes first. Text forms get
+    the benchmarks' bfloat16 exact tokens unless they say ``exact=``.
     Returns {result name: policy}."""
-    by_name = {setting_name(p): alias for alias, p in aliases.items()}
-    chosen = list(aliases) if names == "all" else ["fp32"]
-    for n in [] if names == "all" else (n.strip() for n in names.split(",")):
-        alias = n if n in aliases else by_name.get(n)
-        if alias is None:
-            raise SystemExit(f"error: unknown setting {n!r}; choose from {', '.join(aliases)}")
-        if alias not in chosen:
-            chosen.append(alias)
-    return named(*(aliases[a] for a in chosen))
+
+    if names == "all":
+        return named(*aliases.values())
+    by_name = {setting_name(p): p for p in aliases.values()}
+    chosen = [aliases["fp32"]] if "fp32" in aliases else [KVPolicy("exact")]
+    for n in _split_settings(names, aliases):
+        policy = aliases.get(n) or by_name.get(n)
+        if policy is None:
+            try:
+                policy = KVPolicy.parse(n)
+            except KVPolicyError as e:
+                sys.stderr.write(
+                    f"error: --settings: unknown setting {n!r} ({e}); use an alias"
+                    f" ({', '.join(aliases)}) or a KV policy text form such as turboquant:k3.5,v2\n"
+                )
+                raise SystemExit(2) from None
+            if policy.kind == "turboquant" and "exact=" not in n:
+                policy = dataclasses.replace(policy, exact_dtype=EXACT)
+        if setting_name(policy) not in map(setting_name, chosen):
+            chosen.append(policy)
+    return named(*chosen)
+
+
+def _split_settings(names: str, aliases: dict) -> list[str]:
+    """``a;b`` or ``a,b``; with commas, a piece that is neither an alias nor a policy kind continues
+    the text form before it (``affine4,turboquant:k3,v2,tiers=4,tq`` is three settings)."""
+    if ";" in names:
+        return [n.strip() for n in names.split(";") if n.strip()]
+    out: list[str] = []
+    for piece in (p.strip() for p in names.split(",")):
+        new = ":" in piece or piece in aliases or piece in (*KV_KINDS, *KIND_ALIASES)
+        if out and not new and ":" in out[-1]:
+            out[-1] += "," + piece
+        elif piece:
+            out.append(piece)
+    return out

@@ -407,8 +407,12 @@ def test_nbytes_counts_real_arrays_and_grows_in_chunks():
     assert cache.nbytes == per_token * 2 * cache.keys.step
 
 
-@pytest.mark.parametrize("name, key_tiers", [("e2b", 0), ("26b", 0), ("gemma3", 0), ("e2b", 2)])
-def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, tiny_checkpoints):
+@pytest.mark.parametrize(
+    "name, key_tiers, grid",
+    [("e2b", 0, "lloyd"), ("26b", 0, "lloyd"), ("gemma3", 0, "lloyd"), ("e2b", 2, "lloyd")]
+    + [("e2b", 0, "uniform"), ("gemma3", 0, "uniform")],
+)
+def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, grid, tiny_checkpoints):
     from mlx_lm.generate import generate_step
 
     path, _ = tiny_checkpoints(name)
@@ -422,7 +426,13 @@ def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, tiny_
     fp = greedy(model.make_cache())
     # A new mean every 6 tokens: the block means are read through the model too.
     policy = KVPolicy(
-        "turboquant", bits=8, fp_window=0, center=2, center_block=6, key_tiers=key_tiers
+        "turboquant",
+        bits=8,
+        fp_window=0,
+        center=2,
+        center_block=6,
+        key_tiers=key_tiers,
+        grid=grid,
     )
     cache = model.make_cache(policy)
     tq = greedy(cache)

@@ -22,6 +22,13 @@ layers, which hold nearly all KV memory at long context, get what the policy say
   read by decoding, as with Lloyd-Max). The defaults are what benchmarks/quality.py and needle.py chose
   on real weights (README: the rule and the numbers).
 
+Exact attention (``attention=``, every kind: the sliding layers, the exact global cache): ``sdpa``
+(mlx-lm's path, ``mx.fast.scaled_dot_product_attention``), ``grouped`` (one matmul per kv head
+with its query heads as rows: on the CPU 2.2-7x faster for decode, 1.1-1.2x for prefill, as
+benchmarks/attention.py measures, because MLX's CPU SDPA runs one matrix-vector product per
+query head) or ``auto`` (grouped on the CPU, the fused SDPA kernel on a GPU). TurboQuant's own
+exact tokens are always read grouped.
+
 A policy has one text form, ``str(policy)``, which ``KVPolicy.parse`` reads back (the CLI's
 ``--kv SPEC``, benchmark setting names, prompt-cache files)::
 
@@ -68,6 +75,8 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mlx's affine quantization packs
 DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
 EXACT_DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_GRID = "lloyd"
+ATTENTION_FORMS = ("sdpa", "grouped", "auto")  # exact attention (the module docstring)
+DEFAULT_ATTENTION = "sdpa"  # mlx-lm's: the baseline the benchmarks compare with
 
 # The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
 # or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
@@ -86,6 +95,7 @@ SPEC_KEYS = {
     "seed": ("seed", ("turboquant",)),
     "group": ("group_size", ("affine",)),
     "rewind": ("max_rewind", ("exact", "affine", "turboquant")),
+    "attention": ("attention", ("exact", "affine", "turboquant")),
 }
 FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
 COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
@@ -94,6 +104,7 @@ QUIET = {
     "grid": DEFAULT_GRID,
     "seed": 0,
     "max_rewind": DEFAULT_MAX_REWIND,
+    "attention": DEFAULT_ATTENTION,
 }  # left out of the text form at these values
 
 
@@ -157,6 +168,7 @@ class KVPolicy:
     # sliding and turboquant layers: a trim of up to this many tokens restores the cache
     # exactly (speculative drafts, prompt-prefix reuse); longer trims raise TrimError
     max_rewind: int = DEFAULT_MAX_REWIND
+    attention: str = DEFAULT_ATTENTION  # exact attention: "sdpa" | "grouped" | "auto"
     bits: InitVar[float | None] = None
 
     def __post_init__(self, bits: float | None) -> None:
@@ -170,6 +182,10 @@ class KVPolicy:
         if rewind < 0:
             raise KVPolicyError("max_rewind", f"must be >= 0, got {rewind}")
         set_(self, "max_rewind", rewind)
+        if self.attention not in ATTENTION_FORMS:
+            raise KVPolicyError(
+                "attention", f"must be {', '.join(ATTENTION_FORMS)}, got {self.attention!r}"
+            )
         if kind == "exact":
             return
         if kind == "affine":
@@ -310,7 +326,7 @@ class KVPolicy:
             name = SPEC_KEYS[key][0]
             if name in options:
                 raise KVPolicyError(name, f"given twice in {text!r}")
-            if name in ("codec", "exact_dtype", "grid"):
+            if name in ("codec", "exact_dtype", "grid", "attention"):
                 options[name] = value
             elif name in ("key_bits", "value_bits"):
                 options[name] = _number(key, value)
@@ -319,12 +335,14 @@ class KVPolicy:
         return cls(**options)
 
     def __str__(self) -> str:
-        rewind = "" if self.max_rewind == QUIET["max_rewind"] else f"rewind={self.max_rewind}"
+        common = [f"rewind={self.max_rewind}"] if self.max_rewind != QUIET["max_rewind"] else []
+        if self.attention != QUIET["attention"]:
+            common.append(f"attention={self.attention}")
         if self.kind == "exact":
-            return "exact" + (f":{rewind}" if rewind else "")
+            return "exact" + (":" + ",".join(common) if common else "")
         if self.kind == "affine":
-            group = "" if self.group_size == 64 else f",group={self.group_size}"
-            return f"affine:{self.key_bits:g}{group}" + (f",{rewind}" if rewind else "")
+            group = [] if self.group_size == 64 else [f"group={self.group_size}"]
+            return f"affine:{self.key_bits:g}" + "".join("," + i for i in group + common)
         items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}"]
         for key, (name, kinds) in SPEC_KEYS.items():
             value = getattr(self, name)
@@ -427,9 +445,11 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
 
 def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
-        return SlidingKVCache(config.sliding_window, policy.max_rewind)
+        return SlidingKVCache(config.sliding_window, policy.max_rewind, policy.attention)
     if policy.kind == "exact":
-        return KVCache()
+        cache = KVCache()
+        cache.attention = policy.attention  # read by gemma4_mlx.models.attention.attend
+        return cache
     if policy.kind == "affine":
         group = policy.group_size if spec.head_dim % policy.group_size == 0 else 32
         if spec.head_dim % group:

@@ -2,7 +2,9 @@
 
 ``keys`` / ``values`` are whatever ``cache.update_and_fetch`` returned (for a KV-shared consumer,
 what its producer's cache returned): plain arrays, mlx-lm's quantized tuples (QuantizedKVCache),
-or compressed stream views (TurboQuant caches), never dequantized as a whole.
+or compressed stream views (TurboQuant caches), never dequantized as a whole. Exact keys and
+values are read as the cache's ``attention`` says (``KVPolicy.attention``): mlx-lm's
+``mx.fast.scaled_dot_product_attention`` (``sdpa``, the default) or ``grouped_attention``.
 """
 
 from __future__ import annotations
@@ -74,4 +76,9 @@ def attend(
             group_size=cache.group_size,
             bits=cache.bits,
         )
+    form = getattr(cache, "attention", "sdpa")  # KVPolicy.attention, set by make_layer_cache
+    if form == "auto":  # the fused kernel on a GPU; on the CPU MLX's SDPA is per query head
+        form = "sdpa" if mx.default_device() == mx.gpu else "grouped"
+    if form == "grouped":
+        return grouped_attention(queries, keys, values, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

@@ -17,9 +17,10 @@ layers, which hold nearly all KV memory at long context, get what the policy say
   channels get more of the key bits), codec ``mse`` (with norm correction) or ``prod`` (MSE at
   b-1 bits + 1-bit QJL residual), and the scalar grid of the MSE codes: ``grid=lloyd``
   (Lloyd-Max codebooks, read by decoding each block) or ``grid=uniform`` (the MSE-optimal
-  uniform grid, read in place by ``mx.quantized_matmul``: bits 2..8 but not 7, key bits in
-  steps of 1/8 with tiers; a head dim whose groups qmm cannot take, not a multiple of 32, is
-  read by decoding, as with Lloyd-Max). The defaults are what benchmarks/quality.py and needle.py chose
+  uniform grid, read in place by ``mx.quantized_matmul``; its tier plans are ones qmm takes,
+  and codes it cannot take, 1 or 7 bits or groups of other than 32, 64 or 128 channels (a head
+  dim not a multiple of 32), are read by decoding them, as Lloyd-Max codes are). With key tiers
+  the key bits go in steps of 1/8 (the tier planner spends them), else in steps of 0.5. The defaults are what benchmarks/quality.py and needle.py chose
   on real weights (README: the rule and the numbers).
 
 Exact attention (``attention=``, every kind: the sliding layers, the exact global cache): ``sdpa``
@@ -53,7 +54,7 @@ from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
 from gemma4_mlx.kv.cache import DEFAULT_MAX_REWIND, SlidingKVCache
 from turboquant.codebook import GRIDS
-from turboquant.tiers import QMM_TIER_BITS, tiers_fit
+from turboquant.tiers import tiers_fit
 
 KV_KINDS = ("exact", "affine", "turboquant")
 KIND_ALIASES = {"fp16": "exact"}  # the old name of the exact cache (it was never only fp16)
@@ -101,7 +102,6 @@ FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
 COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
 QUIET = {
     "exact_dtype": None,
-    "grid": DEFAULT_GRID,
     "seed": 0,
     "max_rewind": DEFAULT_MAX_REWIND,
     "attention": DEFAULT_ATTENTION,
@@ -135,6 +135,10 @@ def _integer(field: str, value: Any) -> int:
     return int(value)
 
 
+def _default_grid(codec: str) -> str:
+    return DEFAULT_GRID if codec == "mse" else "lloyd"
+
+
 def _half_steps(bits: float) -> bool:
     return float(bits * 2).is_integer()
 
@@ -152,7 +156,9 @@ class KVPolicy:
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
-    grid: str = DEFAULT_GRID  # turboquant mse: "lloyd" | "uniform" (the module docstring)
+    # turboquant: "lloyd" | "uniform" (the module docstring). None: the default, DEFAULT_GRID
+    # for the mse codec, lloyd for prod (the uniform grid is for the mse codec only)
+    grid: str | None = None
     fp_window: int = 32  # turboquant: each query's most recent tokens read exact
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
@@ -245,13 +251,14 @@ class KVPolicy:
                 "center",
                 f"({self.center}) must be <= block ({self.center_block}; block=0 for one mean)",
             )
+        if self.grid is None:
+            set_(self, "grid", _default_grid(self.codec))
         if self.grid not in GRIDS:
             raise KVPolicyError("grid", f"must be {' or '.join(GRIDS)}, got {self.grid!r}")
-        uniform = self.grid == "uniform"
-        if uniform and self.codec != "mse":
+        if self.grid == "uniform" and self.codec != "mse":
             raise KVPolicyError("grid", "uniform is for the mse codec only")
         key, value = self._split(bits)
-        low, high = (2, 9) if self.codec == "prod" else ((2, 8) if uniform else (1, 8))
+        low, high = (2, 9) if self.codec == "prod" else (1, 8)
         tiered = self.key_tiers != 0 and self.center and self.codec == "mse"
         for name, b in (("key_bits", key), ("value_bits", value)):
             # with key tiers the tier planner spends any multiple of 1/8 bit a channel
@@ -259,11 +266,6 @@ class KVPolicy:
             if not low <= b <= high or not float(b * (8 if eighths else 2)).is_integer():
                 steps = "1/8" if eighths else "0.5"
                 raise KVPolicyError(name, f"must be {low}..{high} in steps of {steps}, got {b:g}")
-            if uniform and not eighths and 6 < b < 8:  # split over 6 and 7, or 7 and 8 bits
-                raise KVPolicyError(
-                    name, f"the uniform grid's bits are {', '.join(map(str, QMM_TIER_BITS))} "
-                    f"(and halves between them), got {b:g}",
-                )  # fmt: skip
             set_(self, name, int(b) if float(b).is_integer() else float(b))
         tiers = self.key_tiers
         if tiers is None:
@@ -348,8 +350,10 @@ class KVPolicy:
             value = getattr(self, name)
             if self.kind not in kinds or name in ("key_bits", "value_bits"):
                 continue
-            if (name in QUIET and value == QUIET[name]) or (
-                name == "center_block" and not self.center
+            if (
+                (name in QUIET and value == QUIET[name])
+                or (name == "center_block" and not self.center)
+                or (name == "grid" and value == _default_grid(self.codec))
             ):
                 continue  # a default said by leaving it out; no blocks without centring
             items.append(f"{key}={value}")
@@ -390,12 +394,12 @@ class KVPolicy:
             centre += f", then on each previous block of {self.center_block}"
         tiers = f", keys in {self.key_tiers} channel tiers" if self.key_tiers else ""
         exact = self.exact_dtype or dtype
-        grid = " uniform-grid" if self.grid == "uniform" else ""
+        grid = "uniform grid" if self.grid == "uniform" else "Lloyd-Max codes"
         return (
-            f"turboquant {self.codec}{grid} K{self.key_bits:g}/V{self.value_bits:g}{tiers}, "
+            f"turboquant {self.codec} K{self.key_bits:g}/V{self.value_bits:g}{tiers}, "
             f"{self.sink} first and {self.fp_window} recent tokens exact"
             + (f" ({exact})" if exact else "")
-            + f", {centre}"
+            + f", {centre}, {grid}"
         )
 
 

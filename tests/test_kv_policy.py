@@ -123,9 +123,12 @@ def test_bits_are_stored_one_way():
 
 
 def test_tiers_are_at_most_the_policys_where_they_fit():
-    assert KVPolicy("turboquant").tiers_for(256) == 4
-    assert KVPolicy("turboquant").tiers_for(16) == 3 and KVPolicy("turboquant").tiers_for(6) == 0
-    assert KVPolicy("turboquant", key_tiers=4).tiers_for(24) == 3
+    lloyd = KVPolicy("turboquant", grid="lloyd")
+    assert lloyd.tiers_for(256) == 4
+    assert lloyd.tiers_for(16) == 3 and lloyd.tiers_for(6) == 0
+    assert KVPolicy("turboquant", key_tiers=4, grid="lloyd").tiers_for(24) == 3
+    uniform = KVPolicy("turboquant", grid="uniform")  # tiers of multiples of 32 channels
+    assert [uniform.tiers_for(d) for d in (512, 256, 128, 64, 32, 16)] == [4, 4, 3, 2, 0, 0]
     assert KVPolicy("turboquant", center=0).tiers_for(256) == 0  # tiers ride on the centring
     assert KVPolicy("turboquant", codec="prod").tiers_for(256) == 0
 

@@ -313,3 +313,14 @@ def test_uniform_groups_wider_than_128_channels_are_stored_as_128():
         CodecSpec(256, 3.0, kind="prod", grid="uniform")
     with pytest.raises(ValueError, match="grid must be one of"):
         CodecSpec(256, 3.0, grid="affine")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_both_packing_paths_give_the_same_words(bits):
+    """``pack`` gathers for a few blocks (a decode step's token) and goes word by word for many
+    (a prefill chunk): the words are the same either way."""
+    from turboquant.packing import _pack_by_gather, _pack_by_words
+
+    for shape in ((1, 1, 1, 256), (3, 2, 33), (40, 100)):
+        idx = mx.array(np.random.default_rng(bits).integers(0, 2**bits, size=shape))
+        assert mx.array_equal(_pack_by_gather(idx, bits), _pack_by_words(idx, bits)).item()

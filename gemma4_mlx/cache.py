@@ -15,15 +15,27 @@ layers, which hold nearly all KV memory at long context, get what the policy say
   (and, with ``block``, each later block of that many tokens on the mean of the block before it),
   key channels in up to ``tiers`` tiers by their variance over the centring tokens (strong
   channels get more of the key bits), codec ``mse`` (with norm correction) or ``prod`` (MSE at
-  b-1 bits + 1-bit QJL residual). The defaults are what benchmarks/quality.py and needle.py chose
+  b-1 bits + 1-bit QJL residual), and the scalar grid of the MSE codes: ``grid=lloyd``
+  (Lloyd-Max codebooks, read by decoding each block) or ``grid=uniform`` (the MSE-optimal
+  uniform grid, read in place by ``mx.quantized_matmul``; its tier plans are ones qmm takes,
+  and codes it cannot take, 1 or 7 bits or groups of other than 32, 64 or 128 channels (a head
+  dim not a multiple of 32), are read by decoding them, as Lloyd-Max codes are). With key tiers
+  the key bits go in steps of 1/8 (the tier planner spends them), else in steps of 0.5. The defaults are what benchmarks/quality.py and needle.py chose
   on real weights (README: the rule and the numbers).
+
+Exact attention (``attention=``, every kind: the sliding layers, the exact global cache): ``sdpa``
+(mlx-lm's path, ``mx.fast.scaled_dot_product_attention``), ``grouped`` (one matmul per kv head
+with its query heads as rows: on the CPU 2.2-7x faster for decode, 1.1-1.2x for prefill, as
+benchmarks/attention.py measures, because MLX's CPU SDPA runs one matrix-vector product per
+query head) or ``auto`` (grouped on the CPU, the fused SDPA kernel on a GPU). TurboQuant's own
+exact tokens are always read grouped.
 
 A policy has one text form, ``str(policy)``, which ``KVPolicy.parse`` reads back (the CLI's
 ``--kv SPEC``, benchmark setting names, prompt-cache files)::
 
     exact
     affine:4                     (group=64 unless said)
-    turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse
+    turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse[,grid=uniform]
 
 ``parse`` also takes the short forms a person types: ``turboquant`` (every default),
 ``turboquant:3.5`` (an average of 3.5 bits split as DEFAULT_SPLITS says: K5/V2),
@@ -41,6 +53,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from gemma4_mlx.config import LayerSpec, TextConfig
 from gemma4_mlx.errors import UserError
 from gemma4_mlx.kv.cache import DEFAULT_MAX_REWIND, SlidingKVCache
+from turboquant.codebook import GRIDS
 from turboquant.tiers import tiers_fit
 
 KV_KINDS = ("exact", "affine", "turboquant")
@@ -62,6 +75,9 @@ DEFAULT_AFFINE_BITS = 4
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mlx's affine quantization packs
 DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
 EXACT_DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_GRID = "lloyd"
+ATTENTION_FORMS = ("sdpa", "grouped", "auto")  # exact attention (the module docstring)
+DEFAULT_ATTENTION = "sdpa"  # mlx-lm's: the baseline the benchmarks compare with
 
 # The text form's keys -> (field, the kinds it applies to). Bits are spelled k3/v2 (turboquant)
 # or as a bare number (the affine bits; a turboquant average). Order = the canonical order.
@@ -75,10 +91,12 @@ SPEC_KEYS = {
     "center": ("center", ("turboquant",)),
     "block": ("center_block", ("turboquant",)),
     "codec": ("codec", ("turboquant",)),
+    "grid": ("grid", ("turboquant",)),
     "exact": ("exact_dtype", ("turboquant",)),
     "seed": ("seed", ("turboquant",)),
     "group": ("group_size", ("affine",)),
     "rewind": ("max_rewind", ("exact", "affine", "turboquant")),
+    "attention": ("attention", ("exact", "affine", "turboquant")),
 }
 FIELD_KEYS = {field: key for key, (field, _) in SPEC_KEYS.items()}
 COUNTS = ("fp_window", "sink", "center", "center_block", "seed")  # whole numbers >= 0
@@ -86,6 +104,7 @@ QUIET = {
     "exact_dtype": None,
     "seed": 0,
     "max_rewind": DEFAULT_MAX_REWIND,
+    "attention": DEFAULT_ATTENTION,
 }  # left out of the text form at these values
 
 
@@ -116,6 +135,10 @@ def _integer(field: str, value: Any) -> int:
     return int(value)
 
 
+def _default_grid(codec: str) -> str:
+    return DEFAULT_GRID if codec == "mse" else "lloyd"
+
+
 def _half_steps(bits: float) -> bool:
     return float(bits * 2).is_integer()
 
@@ -133,13 +156,17 @@ class KVPolicy:
     key_bits: float | None = None
     value_bits: float | None = None
     codec: str = "mse"  # turboquant: "mse" | "prod"
+    # turboquant: "lloyd" | "uniform" (the module docstring). None: the default, DEFAULT_GRID
+    # for the mse codec, lloyd for prod (the uniform grid is for the mse codec only)
+    grid: str | None = None
     fp_window: int = 32  # turboquant: each query's most recent tokens read exact
     sink: int = 4  # turboquant: the first tokens kept exact (Gemma's attention sink)
     exact_dtype: str | None = None  # turboquant: storage of exact tokens (None: model dtype)
     center: int = 128  # turboquant: the mean of this many tokens after the sink centres the codes
     center_block: int = 512  # turboquant: a new mean every this many tokens (0: one mean)
     # turboquant: key channels in up to this many tiers by their variance (0: off; a layer gets
-    # the most that fit its head dim: divisible by 2^tiers, >= 4 channels a tier). None: the
+    # the most that fit its head dim: divisible by 2^tiers, >= 4 channels a tier, uniform
+    # grid: a multiple of 32). None: the
     # default, DEFAULT_TIERS where tiers apply (centring on, mse codec), else 0.
     key_tiers: int | None = None
     group_size: int = 64  # affine
@@ -147,6 +174,7 @@ class KVPolicy:
     # sliding and turboquant layers: a trim of up to this many tokens restores the cache
     # exactly (speculative drafts, prompt-prefix reuse); longer trims raise TrimError
     max_rewind: int = DEFAULT_MAX_REWIND
+    attention: str = DEFAULT_ATTENTION  # exact attention: "sdpa" | "grouped" | "auto"
     bits: InitVar[float | None] = None
 
     def __post_init__(self, bits: float | None) -> None:
@@ -160,6 +188,10 @@ class KVPolicy:
         if rewind < 0:
             raise KVPolicyError("max_rewind", f"must be >= 0, got {rewind}")
         set_(self, "max_rewind", rewind)
+        if self.attention not in ATTENTION_FORMS:
+            raise KVPolicyError(
+                "attention", f"must be {', '.join(ATTENTION_FORMS)}, got {self.attention!r}"
+            )
         if kind == "exact":
             return
         if kind == "affine":
@@ -219,11 +251,21 @@ class KVPolicy:
                 "center",
                 f"({self.center}) must be <= block ({self.center_block}; block=0 for one mean)",
             )
+        if self.grid is None:
+            set_(self, "grid", _default_grid(self.codec))
+        if self.grid not in GRIDS:
+            raise KVPolicyError("grid", f"must be {' or '.join(GRIDS)}, got {self.grid!r}")
+        if self.grid == "uniform" and self.codec != "mse":
+            raise KVPolicyError("grid", "uniform is for the mse codec only")
         key, value = self._split(bits)
         low, high = (2, 9) if self.codec == "prod" else (1, 8)
+        tiered = self.key_tiers != 0 and self.center and self.codec == "mse"
         for name, b in (("key_bits", key), ("value_bits", value)):
-            if not low <= b <= high or not _half_steps(b):
-                raise KVPolicyError(name, f"must be {low}..{high} in steps of 0.5, got {b:g}")
+            # with key tiers the tier planner spends any multiple of 1/8 bit a channel
+            eighths = name == "key_bits" and tiered
+            if not low <= b <= high or not float(b * (8 if eighths else 2)).is_integer():
+                steps = "1/8" if eighths else "0.5"
+                raise KVPolicyError(name, f"must be {low}..{high} in steps of {steps}, got {b:g}")
             set_(self, name, int(b) if float(b).is_integer() else float(b))
         tiers = self.key_tiers
         if tiers is None:
@@ -286,7 +328,7 @@ class KVPolicy:
             name = SPEC_KEYS[key][0]
             if name in options:
                 raise KVPolicyError(name, f"given twice in {text!r}")
-            if name in ("codec", "exact_dtype"):
+            if name in ("codec", "exact_dtype", "grid", "attention"):
                 options[name] = value
             elif name in ("key_bits", "value_bits"):
                 options[name] = _number(key, value)
@@ -295,19 +337,23 @@ class KVPolicy:
         return cls(**options)
 
     def __str__(self) -> str:
-        rewind = "" if self.max_rewind == QUIET["max_rewind"] else f"rewind={self.max_rewind}"
+        common = [f"rewind={self.max_rewind}"] if self.max_rewind != QUIET["max_rewind"] else []
+        if self.attention != QUIET["attention"]:
+            common.append(f"attention={self.attention}")
         if self.kind == "exact":
-            return "exact" + (f":{rewind}" if rewind else "")
+            return "exact" + (":" + ",".join(common) if common else "")
         if self.kind == "affine":
-            group = "" if self.group_size == 64 else f",group={self.group_size}"
-            return f"affine:{self.key_bits:g}{group}" + (f",{rewind}" if rewind else "")
+            group = [] if self.group_size == 64 else [f"group={self.group_size}"]
+            return f"affine:{self.key_bits:g}" + "".join("," + i for i in group + common)
         items = [f"k{self.key_bits:g}", f"v{self.value_bits:g}"]
         for key, (name, kinds) in SPEC_KEYS.items():
             value = getattr(self, name)
             if self.kind not in kinds or name in ("key_bits", "value_bits"):
                 continue
-            if (name in QUIET and value == QUIET[name]) or (
-                name == "center_block" and not self.center
+            if (
+                (name in QUIET and value == QUIET[name])
+                or (name == "center_block" and not self.center)
+                or (name == "grid" and value == _default_grid(self.codec))
             ):
                 continue  # a default said by leaving it out; no blocks without centring
             items.append(f"{key}={value}")
@@ -327,9 +373,9 @@ class KVPolicy:
         """Key tiers for a layer of ``head_dim``: the most, up to the policy's, that fit (head
         dim divisible by 2^tiers, >= 4 channels a tier)."""
         n = self.nominal_tiers
-        while n and not tiers_fit(head_dim, n):
+        while n and not tiers_fit(head_dim, n, self.grid):
             n -= 1
-        return n
+        return n if n >= 2 else 0
 
     def exact_tokens(self) -> int:
         """The most tokens a turboquant cache holds without compressing any: the sink plus the
@@ -348,11 +394,12 @@ class KVPolicy:
             centre += f", then on each previous block of {self.center_block}"
         tiers = f", keys in {self.key_tiers} channel tiers" if self.key_tiers else ""
         exact = self.exact_dtype or dtype
+        grid = "uniform grid" if self.grid == "uniform" else "Lloyd-Max codes"
         return (
             f"turboquant {self.codec} K{self.key_bits:g}/V{self.value_bits:g}{tiers}, "
             f"{self.sink} first and {self.fp_window} recent tokens exact"
             + (f" ({exact})" if exact else "")
-            + f", {centre}"
+            + f", {centre}, {grid}"
         )
 
 
@@ -402,9 +449,11 @@ def cache_layers(config: TextConfig) -> list[LayerSpec]:
 
 def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> Any:
     if spec.is_sliding:
-        return SlidingKVCache(config.sliding_window, policy.max_rewind)
+        return SlidingKVCache(config.sliding_window, policy.max_rewind, policy.attention)
     if policy.kind == "exact":
-        return KVCache()
+        cache = KVCache()
+        cache.attention = policy.attention  # read by gemma4_mlx.models.attention.attend
+        return cache
     if policy.kind == "affine":
         group = policy.group_size if spec.head_dim % policy.group_size == 0 else 32
         if spec.head_dim % group:
@@ -419,8 +468,12 @@ def make_layer_cache(config: TextConfig, spec: LayerSpec, policy: KVPolicy) -> A
     seed = policy.seed + spec.index
     norm_correction = policy.codec == "mse"
     try:
-        key_spec = CodecSpec(spec.head_dim, key_bits, policy.codec, norm_correction, seed=seed)
-        value_spec = CodecSpec(spec.head_dim, value_bits, policy.codec, norm_correction, seed=seed)
+        key_spec, value_spec = (
+            CodecSpec(
+                spec.head_dim, bits, policy.codec, norm_correction, seed=seed, grid=policy.grid
+            )
+            for bits in (key_bits, value_bits)
+        )
     except ValueError as e:
         raise UserError(f"KV cache settings: {e}") from None
     import mlx.core as mx

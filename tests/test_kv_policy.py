@@ -27,6 +27,11 @@ from gemma4_mlx.loading import load, load_model
         ("turboquant:codec=prod", "turboquant:k3,v2,tiers=0,sink=4,window=32,center=128,block=512,codec=prod"),
         ("turboquant:center=0,block=64", "turboquant:k3,v2,tiers=0,sink=4,window=32,center=0,codec=mse"),
         ("turboquant:k4.5,v2,exact=bfloat16,seed=3", "turboquant:k4.5,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,exact=bfloat16,seed=3"),
+        ("turboquant:grid=uniform,k3.125", "turboquant:k3.125,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=uniform"),
+        ("turboquant:grid=lloyd,attention=auto", "turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,attention=auto"),
+        ("exact:attention=grouped", "exact:attention=grouped"),
+        ("exact:attention=sdpa,rewind=4", "exact:rewind=4"),
+        ("affine:4,attention=grouped,group=32", "affine:4,group=32,attention=grouped"),
     ],
 )  # fmt: skip
 def test_policy_text_form_is_canonical_and_round_trips(text, canonical):
@@ -39,10 +44,25 @@ def test_policy_text_form_is_canonical_and_round_trips(text, canonical):
 @st.composite
 def policies(draw):
     kind = draw(st.sampled_from(["exact", "affine", "turboquant"]))
+    attention = draw(st.sampled_from(["sdpa", "grouped", "auto"]))
     if kind == "exact":
-        return KVPolicy()
+        return KVPolicy(attention=attention)
     if kind == "affine":
-        return KVPolicy("affine", bits=draw(st.sampled_from([2, 3, 4, 5, 6, 8])))
+        return KVPolicy(
+            "affine", bits=draw(st.sampled_from([2, 3, 4, 5, 6, 8])), attention=attention
+        )
+    if draw(st.booleans()):  # the uniform grid: bits 2..8 but no 7, key eighths with tiers
+        tiers = draw(st.sampled_from([0, 2, 4]))
+        steps = 8 if tiers else 2
+        key = draw(st.integers(steps, 8 * steps).map(lambda n: n / steps))
+        return KVPolicy(
+            "turboquant",
+            key_bits=key,
+            value_bits=draw(st.integers(2, 16).map(lambda n: n / 2)),
+            key_tiers=tiers,
+            grid="uniform",
+            attention=attention,
+        )
     codec = draw(st.sampled_from(["mse", "prod"]))
     low = 2 if codec == "prod" else 1
     half = st.integers(2 * low, 16).map(lambda n: n / 2)
@@ -72,7 +92,7 @@ def test_every_policy_round_trips_through_its_text_form(policy):
 SPEC_WORDS = st.sampled_from(
     ["k", "v", "k3", "v2.5", "4", "x", "=", ",", ":", "tiers=", "sink=", "window=", "center=",
      "block=", "codec=", "exact=", "seed=", "group=", "mse", "prod", "-1", "1e400", "nan", ".",
-     "0", "32", "bfloat16", " "]
+     "0", "32", "bfloat16", " ", "grid=", "uniform", "lloyd", "attention=", "grouped", "k3.125"]
 )  # fmt: skip
 
 
@@ -103,9 +123,12 @@ def test_bits_are_stored_one_way():
 
 
 def test_tiers_are_at_most_the_policys_where_they_fit():
-    assert KVPolicy("turboquant").tiers_for(256) == 4
-    assert KVPolicy("turboquant").tiers_for(16) == 3 and KVPolicy("turboquant").tiers_for(6) == 0
-    assert KVPolicy("turboquant", key_tiers=4).tiers_for(24) == 3
+    lloyd = KVPolicy("turboquant", grid="lloyd")
+    assert lloyd.tiers_for(256) == 4
+    assert lloyd.tiers_for(16) == 3 and lloyd.tiers_for(6) == 0
+    assert KVPolicy("turboquant", key_tiers=4, grid="lloyd").tiers_for(24) == 3
+    uniform = KVPolicy("turboquant", grid="uniform")  # tiers of multiples of 32 channels
+    assert [uniform.tiers_for(d) for d in (512, 256, 128, 64, 32, 16)] == [4, 4, 3, 2, 0, 0]
     assert KVPolicy("turboquant", center=0).tiers_for(256) == 0  # tiers ride on the centring
     assert KVPolicy("turboquant", codec="prod").tiers_for(256) == 0
 
@@ -143,6 +166,11 @@ def test_tiers_are_at_most_the_policys_where_they_fit():
         (lambda: KVPolicy.parse("turboquant:k=inf"), "key_bits", "not a finite number"),
         (lambda: KVPolicy.parse("exact:4"), "bits", "the exact cache has no bits"),
         (lambda: KVPolicy.parse("affine:4,group=32,window=3"), "fp_window", "turboquant only"),
+        (lambda: KVPolicy.parse("turboquant:grid=affine"), "grid", "must be lloyd or uniform"),
+        (lambda: KVPolicy.parse("turboquant:grid=uniform,codec=prod"), "grid", "mse codec only"),
+        (lambda: KVPolicy.parse("turboquant:tiers=0,k3.125"), "key_bits", "steps of 0.5"),
+        (lambda: KVPolicy.parse("exact:grid=uniform"), "grid", "turboquant only"),
+        (lambda: KVPolicy.parse("exact:attention=fast"), "attention", "sdpa, grouped, auto"),
     ],
 )
 def test_bad_policy_is_a_value_error_naming_the_field(build, field, words):
@@ -278,7 +306,7 @@ def test_mlx_lm_save_and_load_prompt_cache_round_trip(tiny_checkpoints, tmp_path
         (["--kv-cache", "affine", "--value-bits", "2"], "--value-bits needs --kv-cache turboquant"),
         (["--kv-cache", "affine", "--kv-bits", "7"], "--kv-bits must be one of 2, 3, 4, 5, 6, 8"),
         (["--kv-cache", "int4"], "--kv-cache must be one of exact, affine, turboquant"),
-        (["--key-bits", "9"], "--key-bits must be 1..8 in steps of 0.5, got 9"),
+        (["--key-bits", "9"], "--key-bits must be 1..8 in steps of 1/8, got 9"),
         (["--value-bits", "0.5"], "--value-bits must be 1..8 in steps of 0.5, got 0.5"),
         (["--kv-bits", "3.5", "--key-bits", "8"], "--kv-bits 3.5 and --key-bits 8: the value"),
         (["--kv", "turboquant:window=-1"], "--kv window: must be >= 0, got -1"),
@@ -286,7 +314,7 @@ def test_mlx_lm_save_and_load_prompt_cache_round_trip(tiny_checkpoints, tmp_path
         (["--kv", "turboquant:foo=3"], "--kv foo: unknown setting"),
         (["--kv", "bogus"], "--kv kind: must be one of exact, affine, turboquant"),
         (["--kv", "affine:4,window=8"], "--kv window: applies to turboquant only"),
-        (["--kv", "turboquant:k2.7"], "--kv k: must be 1..8 in steps of 0.5, got 2.7"),
+        (["--kv", "turboquant:k2.7"], "--kv k: must be 1..8 in steps of 1/8, got 2.7"),
         (["--kv", "turboquant", "--kv-bits", "3"], "--kv SPEC is the whole KV policy: drop"),
         (["--kv", "exact", "--kv-cache", "exact"], "--kv SPEC is the whole KV policy: drop"),
         (["--kv", "affine:64"], "--kv bits: must be one of 2, 3, 4, 5, 6, 8"),

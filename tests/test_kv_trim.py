@@ -23,6 +23,16 @@ POLICIES = {
     "turboquant": KVPolicy(
         "turboquant", fp_window=2, sink=1, center=3, center_block=4, max_rewind=REWIND
     ),
+    # uniform grid: head dim 32 reads by qmm (gemma3's 16 by decoding), no tiers (< 32 a tier)
+    "turboquant-uniform": KVPolicy(
+        "turboquant",
+        fp_window=2,
+        sink=1,
+        center=3,
+        center_block=4,
+        max_rewind=REWIND,
+        grid="uniform",
+    ),
     "exact": KVPolicy(max_rewind=REWIND),  # sliding rings; global layers mlx-lm's KVCache
 }
 

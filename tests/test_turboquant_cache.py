@@ -407,8 +407,12 @@ def test_nbytes_counts_real_arrays_and_grows_in_chunks():
     assert cache.nbytes == per_token * 2 * cache.keys.step
 
 
-@pytest.mark.parametrize("name, key_tiers", [("e2b", 0), ("26b", 0), ("gemma3", 0), ("e2b", 2)])
-def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, tiny_checkpoints):
+@pytest.mark.parametrize(
+    "name, key_tiers, grid",
+    [("e2b", 0, "lloyd"), ("26b", 0, "lloyd"), ("gemma3", 0, "lloyd"), ("e2b", 2, "lloyd")]
+    + [("e2b", 0, "uniform"), ("gemma3", 0, "uniform")],
+)
+def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, grid, tiny_checkpoints):
     from mlx_lm.generate import generate_step
 
     path, _ = tiny_checkpoints(name)
@@ -422,7 +426,13 @@ def test_eight_bit_turboquant_generation_matches_fp_cache(name, key_tiers, tiny_
     fp = greedy(model.make_cache())
     # A new mean every 6 tokens: the block means are read through the model too.
     policy = KVPolicy(
-        "turboquant", bits=8, fp_window=0, center=2, center_block=6, key_tiers=key_tiers
+        "turboquant",
+        bits=8,
+        fp_window=0,
+        center=2,
+        center_block=6,
+        key_tiers=key_tiers,
+        grid=grid,
     )
     cache = model.make_cache(policy)
     tq = greedy(cache)
@@ -443,3 +453,18 @@ def test_kv_shared_consumers_read_the_producers_compressed_cache(tiny_checkpoint
     assert cache[4].layout.center_block == 0  # centring off: the default's block size is moot
     model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
     assert cache[4].offset == 5
+
+
+@pytest.mark.parametrize("bits", [2.5, 3.0, 3.125, 4.0, 6.5])
+@pytest.mark.parametrize("dim,n", [(256, 4), (512, 4), (128, 3)])
+def test_uniform_tier_plans_are_ones_quantized_matmul_reads(bits, dim, n):
+    from turboquant.codec import CodecSpec
+    from turboquant.tiers import plan_tiers
+
+    energy = np.sort(np.random.default_rng(dim).gamma(0.3, size=dim))[::-1]
+    tiers = plan_tiers(energy, bits, n, "uniform")
+    mean = sum(c * b for c, b in tiers) / dim
+    spec = CodecSpec(dim, mean, tiers=tiers, grid="uniform")
+    print(f"{bits} bits at d={dim}: {tiers} (mean {mean:.4f})")
+    assert spec.qmm_ready and bits - 32 / dim <= mean <= bits + 1e-9
+    assert all(b.is_integer() or c >= 64 for c, b in tiers)

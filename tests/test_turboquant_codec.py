@@ -237,3 +237,90 @@ def test_invalid_tiers_are_errors():
     with pytest.raises(ValueError, match="bits must be in 1..8"):
         CodecSpec(256, 5.0, tiers=((128, 9.0), (128, 1.0)))
     assert CodecSpec(256, 3.5, tiers=[[128, 3.5], [128, 3.5]]).tiers == ((128, 3.5), (128, 3.5))
+
+
+# -- the uniform grid (what mx.quantized_matmul reads) ----------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_packing_is_bit_identical_to_mlx_affine_quantization(bits, group):
+    """Our packed codes are mx.quantize's: a row holding 0 and 2^b - 1 in each group (so the
+    quantizer's scale is 1 and its bias the minimum) packs to the same words, and
+    mx.dequantize with scale 1 and bias 0 reads our words back as the indices."""
+    idx = np.random.default_rng(bits * group).integers(0, 2**bits, size=(5, 2 * group))
+    idx[:, [0, group]], idx[:, [1, group + 1]] = 0, 2**bits - 1
+    theirs, scales, biases = mx.quantize(
+        mx.array(idx - (2**bits - 1), mx.float32), group_size=group, bits=bits
+    )
+    ours = pack(mx.array(idx), bits)
+    assert np.all(np.array(scales) == 1) and mx.array_equal(ours, theirs).item()
+    read = mx.dequantize(ours, mx.ones((5, 2)), mx.zeros((5, 2)), group_size=group, bits=bits)
+    assert np.array_equal(np.array(read), idx)
+
+
+@pytest.mark.parametrize(
+    "dim,bits,ratio", [(32, 2, 1.010), (32, 3, 1.069), (32, 4, 1.175), (128, 3, 1.080)]
+)
+def test_uniform_grid_costs_what_the_design_measured_over_lloyd_max(dim, bits, ratio):
+    from turboquant.codebook import uniform_codebook, uniform_step
+
+    u, lm = uniform_codebook(dim, bits), codebook(dim, bits)
+    step = uniform_step(dim, bits)
+    print(f"d={dim} b={bits}: step*sqrt(d) {step * math.sqrt(dim):.4f}, mse ratio "
+          f"{u.mse_per_vector / lm.mse_per_vector:.4f} (design: {ratio})")  # fmt: skip
+    assert np.allclose(np.diff(u.centroids), step) and np.allclose(u.centroids, -u.centroids[::-1])
+    assert u.mse_per_vector / lm.mse_per_vector == pytest.approx(ratio, abs=0.003)
+    for nudge in (0.97, 1.03):  # the step is the best one
+        c = (np.arange(2**bits) - (2**bits - 1) / 2) * step * nudge
+        x = mx.array(_unit(4000, dim, seed=1)) * 1.0
+        y = np.array(x).ravel()
+        err = np.min((y[:, None] - c[None, :]) ** 2, axis=1).mean() * dim
+        assert err > u.mse_per_vector * 0.995
+
+
+def test_uniform_codes_decode_to_their_grid_levels_and_keep_the_norm():
+    from turboquant.codebook import uniform_step
+
+    tiers = ((32, 5), (32, 4), (64, 3.5), (128, 2))
+    spec = CodecSpec(256, 3.0, tiers=tiers, grid="uniform")
+    assert spec.qmm_ready and [c for _, c, _ in spec.groups] == [32, 32, 32, 32, 128]
+    x = mx.array(np.random.default_rng(0).standard_normal((300, 256)).astype(np.float32))
+    enc = encode(x, spec)
+    y = np.array(decode_rotated(enc, spec))
+    for code, (first, count, bits), (block, n) in zip(enc.codes, spec.groups, spec.group_block):
+        level = np.array(unpack(code, bits, count)) - (2**bits - 1) / 2
+        norm = np.array(enc.norms[:, block : block + 1].astype(mx.float32))
+        expect = level * uniform_step(n, bits) * norm
+        assert np.allclose(y[:, first : first + count], expect, rtol=1e-5, atol=1e-6)
+    blocks = [np.linalg.norm(np.array(x)[:, a : a + n], axis=1) for a, n in spec.blocks]
+    again = [np.linalg.norm(y[:, a : a + n], axis=1) for a, n in spec.blocks]
+    assert np.allclose(again, blocks, rtol=2e-3)  # norm correction, float16 norms
+    err = float(mx.mean((decode(enc, spec) - x) ** 2) / mx.mean(x**2))
+    lloyd = CodecSpec(256, 3.0, tiers=tiers)
+    ref = float(mx.mean((decode(encode(x, lloyd), lloyd) - x) ** 2) / mx.mean(x**2))
+    print(f"relative MSE uniform {err:.4f} vs Lloyd-Max {ref:.4f}")
+    assert ref < err < 1.25 * ref
+
+
+def test_uniform_groups_wider_than_128_channels_are_stored_as_128():
+    spec = CodecSpec(512, 2.5, grid="uniform")
+    assert spec.groups == ((0, 128, 3), (128, 128, 3), (256, 128, 2), (384, 128, 2))
+    assert spec.qmm_ready and spec.group_block == ((0, 512),) * 4
+    assert not CodecSpec(16, 2.5, grid="uniform").qmm_ready  # 8-channel groups: decoded
+    assert not CodecSpec(256, 3.0).qmm_ready  # Lloyd-Max codes are never read by qmm
+    with pytest.raises(ValueError, match="uniform grid is for the MSE codec"):
+        CodecSpec(256, 3.0, kind="prod", grid="uniform")
+    with pytest.raises(ValueError, match="grid must be one of"):
+        CodecSpec(256, 3.0, grid="affine")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_both_packing_paths_give_the_same_words(bits):
+    """``pack`` gathers for a few blocks (a decode step's token) and goes word by word for many
+    (a prefill chunk): the words are the same either way."""
+    from turboquant.packing import _pack_by_gather, _pack_by_words
+
+    for shape in ((1, 1, 1, 256), (3, 2, 33), (40, 100)):
+        idx = mx.array(np.random.default_rng(bits).integers(0, 2**bits, size=shape))
+        assert mx.array_equal(_pack_by_gather(idx, bits), _pack_by_words(idx, bits)).item()

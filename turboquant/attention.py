@@ -16,6 +16,19 @@ pass); each block's decoded keys/values and scores are freed as soon as the accu
 consumed them, so the transient is bounded by the block size (SCORE_BUDGET, KV_BUDGET), never a
 full-precision copy of the cache or the full query x key score matrix.
 
+Uniform-grid codes (``CodecSpec.qmm_ready``) are read in place instead of decoded: the codes of
+one codebook group are MLX affine codes, so for key group g (bits b, step Δ, centre c = (2^b-1)/2,
+block norm n_t per token) <R q, k_t>_g = n_t Δ Σ_j q_j (code_tj - c) is
+``mx.quantized_matmul(Δ q_g, codes_g, scales=n, biases=-c n)``: the stored norms are the scales
+(tier-major storage: a contiguous slice), the step is folded into the query and the zero point
+into the bias. The centring means enter through the scores (q . mean per block) and the softmax
+weights (Σ p per block @ the value means); the values are one quantized matmul per group
+(``transpose=False``) times its step, rotated back once. For a decode step the whole storage is
+one block (slots past the live codes are masked), so no code is copied; prefill chunks go block
+by block as above. On the CPU, MLX's quantized matmul unpacks the codes once per query row, so
+calls with many query rows (prefill) dequantize each block with ``mx.dequantize`` and use
+BLAS instead (``QMM_MAX_ROWS``); on a GPU the quantized kernels take every call.
+
 Masks come from positions: the queries are the last L tokens; keys are visible if causal (k <= q)
 and, for a sliding window w, q - k < w. An explicit (L, offset) array mask is applied on top.
 """
@@ -31,6 +44,10 @@ from turboquant.stream import StreamView
 
 SCORE_BUDGET = 1 << 22  # floats in one block of scores (16 MiB in float32)
 KV_BUDGET = 1 << 22  # floats in one block of decoded keys (and as many values)
+# CPU: query rows per kv head up to which quantized matmuls beat dequantize + BLAS (measured in
+# benchmarks/attention.py: MLX's x86 qmm is scalar and unpacks once per row)
+QMM_MAX_ROWS = 16
+READS = ("auto", "qmm", "dequant", "decode")  # how compressed uniform-grid codes are read
 
 
 class Softmax(NamedTuple):
@@ -158,6 +175,158 @@ def _attend_compressed(s: Softmax, qs: _Queries, keys: StreamView, values: Strea
     return s
 
 
+class _GroupRead(NamedTuple):
+    """One codebook group of a uniform-grid stream, as quantized-matmul arguments."""
+
+    first: int  # first rotated channel
+    count: int  # channels (the qmm group size)
+    bits: int
+    step: float
+    block: int  # index of its block (norm)
+
+
+def _group_reads(view: StreamView) -> list[_GroupRead]:
+    spec = view.spec
+    return [
+        _GroupRead(first, count, int(bits), step, block)
+        for (first, count, bits), (block, _), step in zip(
+            spec.groups, spec.group_block, spec.group_steps
+        )
+    ]
+
+
+def _affine(view: StreamView, groups: list[_GroupRead], a: int, b: int, s, fold_step: bool):
+    """Storage slots [a, b) of every group: (codes, scales, biases) for quantized_matmul or
+    dequantize: the scales the block norms (B, H, T, 1) float32 (times the group's step if
+    ``fold_step``), the biases -centre x scale. ``s``: made to wait for those accumulators
+    (blockwise prefill: one block's transient at a time)."""
+    whole = a == 0 and b == view.capacity
+    codes = [c if whole else c[:, :, a:b] for c in view.codes.codes]
+    norms = view.codes.norms if whole else view.codes.norms[..., a:b]  # (blocks, B, H, T)
+    if s is not None:
+        *codes, norms = mx.depends([*codes, norms], [s.acc_rot, s.acc_exact, s.denom])
+    norms = norms.astype(mx.float32)[..., None]
+    out = []
+    for code, g in zip(codes, groups):
+        scale = norms[g.block] * g.step if fold_step else norms[g.block]
+        out.append((code, scale, scale * -((2**g.bits - 1) / 2)))
+    return out
+
+
+def _per_block(x: mx.array, layout, a: int, b: int, axis: int = -1) -> mx.array:
+    """Per-mean values along ``axis`` (one per block of center_block slots) -> one per storage
+    slot of [a, b) (slot i: mean i // center_block); no blocks: the one mean (size 1)."""
+    x = mx.moveaxis(x, axis, -1)
+    if not layout.center_block:
+        return mx.moveaxis(x[..., :1], -1, axis)
+    size = layout.center_block
+    lo, hi = a // size, (b - 1) // size + 1
+    if hi > x.shape[-1]:  # storage slots past the live codes (masked): no mean yet
+        x = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, hi - x.shape[-1])])
+    x = mx.broadcast_to(x[..., lo:hi, None], (*x.shape[:-1], hi - lo, size))
+    x = x.reshape(*x.shape[:-2], (hi - lo) * size)
+    return mx.moveaxis(x[..., a - lo * size : b - lo * size], -1, axis)
+
+
+def _block_sums(p: mx.array, layout, a: int, b: int) -> tuple[mx.array, int]:
+    """(..., T) weights of slots [a, b) -> (..., means) their sums per mean, first mean index."""
+    if not layout.center_block:
+        return mx.sum(p, axis=-1, keepdims=True), 0
+    size = layout.center_block
+    lo, hi = a // size, (b - 1) // size + 1
+    pad_lo, pad_hi = a - lo * size, hi * size - b
+    if pad_lo or pad_hi:
+        p = mx.pad(p, [(0, 0)] * (p.ndim - 1) + [(pad_lo, pad_hi)])
+    return mx.sum(p.reshape(*p.shape[:-1], hi - lo, size), axis=-1), lo
+
+
+def _dequantized(args, groups: list[_GroupRead]) -> mx.array:
+    """(B, H, T, D) float rotated vectors from ``_affine(..., fold_step=True)``."""
+    parts = [
+        mx.dequantize(code, scale, bias, group_size=g.count, bits=g.bits)
+        for g, (code, scale, bias) in zip(groups, args)
+    ]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def _qmm_block(s, qs, q_rot, keys, values, means, a, b, read, wait):
+    """Fold storage slots [a, b) (positions n_sink + a ...) in, reading the codes in place
+    (``qmm``) or dequantized to floats (``dequant``: the means then join the vectors)."""
+    kg, vg = _group_reads(keys), _group_reads(values)
+    dequant = read == "dequant"
+    k_args = _affine(keys, kg, a, b, s if wait else None, dequant)
+    v_args = _affine(values, vg, a, b, s if wait else None, dequant)
+    if dequant:
+        k_dec, v_dec = _dequantized(k_args, kg), _dequantized(v_args, vg)
+        if means is not None:
+            k_dec = k_dec + _per_block(means[0], keys.layout, a, b, axis=-2)
+            v_dec = v_dec + _per_block(means[1], values.layout, a, b, axis=-2)
+        scores = q_rot @ k_dec.swapaxes(-1, -2)  # (B, n_kv, rows, T)
+    else:
+        scores = None
+        for g, (code, scale, bias) in zip(kg, k_args):
+            x = q_rot[..., g.first : g.first + g.count] * g.step
+            part = mx.quantized_matmul(
+                x, code, scale, bias, transpose=True, group_size=g.count, bits=g.bits
+            )
+            scores = part if scores is None else scores + part
+        if means is not None:  # q . (the mean its slot was centred on)
+            scores = scores + _per_block(q_rot @ means[0].swapaxes(-1, -2), keys.layout, a, b)
+    k_pos = keys.n_sink + mx.arange(a, b)
+    ok = (k_pos[None, :] < qs.exact_from) & (k_pos[None, :] < keys.n_quantized)
+    s, p = softmax_step(s, scores, qs.visible(k_pos, ok))
+    if dequant:
+        return s._replace(acc_rot=s.acc_rot + p @ v_dec)
+    parts = [
+        mx.quantized_matmul(p, code, scale, bias, transpose=False, group_size=g.count, bits=g.bits)
+        * g.step
+        for g, (code, scale, bias) in zip(vg, v_args)
+    ]
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    if means is not None:
+        sums, lo = _block_sums(p, values.layout, a, b)
+        v_means = means[1][:, :, lo : lo + sums.shape[-1]]
+        out = out + sums[..., : v_means.shape[2]] @ v_means  # past the means: masked, p = 0
+    return s._replace(acc_rot=s.acc_rot + out)
+
+
+def _attend_compressed_qmm(
+    s: Softmax, qs: _Queries, keys: StreamView, values: StreamView, read: str
+) -> Softmax:
+    """``_attend_compressed`` for uniform-grid codes read in place (see the module docstring)."""
+    layout, offset, n_sink = keys.layout, keys.offset, keys.n_sink
+    if offset - 1 < layout.sink + layout.center:
+        return s
+    end = min(keys.n_quantized, offset - 1 - layout.fp_window)
+    L = qs.pos.shape[0]
+    first = n_sink
+    if qs.sliding_window is not None:
+        first = max(n_sink, offset - L - qs.sliding_window + 1)
+    if end <= first:
+        return s
+    q_rot = rotate(keys.to_code_order(qs.q), keys.spec)
+    means = None
+    if keys.means is not None:
+        means = (
+            rotate(keys.to_code_order(keys.means), keys.spec),
+            rotate(values.to_code_order(values.means), values.spec),
+        )
+    B, n_kv, rows, D = qs.q.shape
+    if read == "auto":
+        on_gpu = mx.default_device() == mx.gpu
+        read = "qmm" if on_gpu or rows <= QMM_MAX_ROWS else "dequant"
+    capacity = keys.capacity
+    if capacity * rows * B * n_kv <= SCORE_BUDGET:  # one block over all storage: no copies
+        return _qmm_block(s, qs, q_rot, keys, values, means, 0, capacity, read, False)
+    step = _block_tokens(rows * B * n_kv, B * n_kv, D)
+    a, stop = (first - n_sink) // step * step, end - n_sink
+    while a < stop:
+        b = min(a + step, stop)
+        s = _qmm_block(s, qs, q_rot, keys, values, means, a, b, read, True)
+        a = b
+    return s
+
+
 def _attend_exact(s: Softmax, qs: _Queries, keys: StreamView, values: StreamView) -> Softmax:
     """The sink and the exact tail from the oldest position any query reads exact."""
     parts_k, parts_v, positions = [], [], []
@@ -187,7 +356,15 @@ def attention(
     scale: float,
     mask: Any = None,  # None / "causal" (positions decide) or an (L, offset) array
     sliding_window: int | None = None,
+    read: str = "auto",
 ) -> mx.array:  # (B, n_q_heads, L, D), dtype of queries
+    """``read``: how uniform-grid codes are read: ``qmm`` (quantized matmuls), ``dequant``
+    (``mx.dequantize`` a block, then BLAS), ``decode`` (the Lloyd-Max path: unpack, look up,
+    matmul; the reference the others are tested against), ``auto`` (qmm on a GPU; on the CPU
+    qmm up to QMM_MAX_ROWS query rows per kv head, else dequant). Lloyd-Max codes and groups
+    qmm cannot take (``CodecSpec.qmm_ready``) are always decoded."""
+    if read not in READS:
+        raise ValueError(f"read must be one of {', '.join(READS)}, got {read!r}")
     B, n_q, L, D = queries.shape
     n_kv = keys.shape[1]
     array_mask = mask if isinstance(mask, mx.array) else None
@@ -204,7 +381,10 @@ def attention(
         mx.zeros((*rows, D), dtype=mx.float32),
         mx.zeros((*rows, D), dtype=mx.float32),
     )
-    s = _attend_compressed(s, qs, keys, values)
+    if read != "decode" and keys.spec.qmm_ready and values.spec.qmm_ready:
+        s = _attend_compressed_qmm(s, qs, keys, values, read)
+    else:
+        s = _attend_compressed(s, qs, keys, values)
     s = _attend_exact(s, qs, keys, values)
     acc_rot = values.to_code_order(unrotate(s.acc_rot, values.spec), inverse=True)
     out = (acc_rot + s.acc_exact) / mx.maximum(s.denom, 1e-30)

@@ -18,6 +18,13 @@ size and bits. A caller that orders channels by energy (the TurboQuant cache doe
 the tokens it centres on) gives high-energy channels more bits: keys are far from isotropic (RoPE
 pairs), and a single rotation would spread the few strong channels' energy over all of them.
 
+Grids (``grid``, MSE only): ``lloyd``, the Lloyd-Max codebook of each group's law (the paper's),
+or ``uniform``, the MSE-optimal uniform grid of that law (``turboquant.codebook.uniform_codebook``):
+its codes are MLX's affine codes, so attention can read them with ``mx.quantized_matmul``
+(``turboquant.attention``) instead of gathering centroids. With the uniform grid, codebook groups
+wider than 128 channels are stored as 128-channel groups (same bits, same block norm), the widest
+group ``mx.quantized_matmul`` takes; ``CodecSpec.qmm_ready`` says whether every group fits it.
+
 Stored bytes are real array bytes (``Encoded.nbytes``); ``bits_per_channel`` reports them.
 
 Input rules: zero vectors encode and decode to zero; non-finite input raises ValueError when
@@ -35,11 +42,13 @@ from functools import cached_property, lru_cache
 import mlx.core as mx
 import numpy as np
 
-from turboquant.codebook import MAX_BITS, codebook
+from turboquant.codebook import GRIDS, MAX_BITS, grid_codebook, uniform_step
 from turboquant.packing import pack, packed_words, unpack
 from turboquant.rotation import Rotation, default_rotation
 
 FP16_MAX = 65504.0
+QMM_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantized_matmul (and Metal's qmv kernels) unpack
+QMM_GROUPS = (32, 64, 128)  # its group sizes
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,17 @@ class CodecSpec:
     seed: int = 0
     qjl: str = "gaussian"  # "gaussian" (the paper's S) | "orthogonal" (scaled orthogonal S)
     tiers: tuple[tuple[int, float], ...] = ()  # (channels, bits) blocks; bits is then their mean
+    grid: str = "lloyd"  # "lloyd" | "uniform" (MSE only): the scalar grid of every group
 
     def __post_init__(self):
         tiers = tuple((int(n), float(b)) for n, b in self.tiers)
         object.__setattr__(self, "tiers", tiers)  # JSON round trips give lists
         if self.kind not in ("mse", "prod"):
             raise ValueError(f"codec kind must be 'mse' or 'prod', got {self.kind!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"codec grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.grid == "uniform" and self.kind != "mse":
+            raise ValueError("the uniform grid is for the MSE codec only")
         if self.qjl not in ("gaussian", "orthogonal"):
             raise ValueError(f"qjl must be 'gaussian' or 'orthogonal', got {self.qjl!r}")
         low = 2 if self.kind == "prod" else 1
@@ -73,7 +87,7 @@ class CodecSpec:
             if abs(mean - self.bits) > 1e-6:
                 raise ValueError(f"tiers {tiers} average {mean} bits, not bits={self.bits}")
             for n, b in tiers:
-                CodecSpec(n, b)
+                CodecSpec(n, b, grid=self.grid)
             return
         n_high = (self.mse_bits - math.floor(self.mse_bits)) * self.dim
         if abs(n_high - round(n_high)) > 1e-6:
@@ -98,7 +112,7 @@ class CodecSpec:
             return tuple(
                 (start + first, count, bits)
                 for (start, n), (_, b) in zip(self.blocks, self.tiers)
-                for first, count, bits in CodecSpec(n, b).groups
+                for first, count, bits in CodecSpec(n, b, grid=self.grid).groups
             )
         low = math.floor(self.mse_bits)
         n_high = round((self.mse_bits - low) * self.dim)
@@ -107,7 +121,29 @@ class CodecSpec:
             groups.append((0, n_high, low + 1))
         if self.dim - n_high:
             groups.append((n_high, self.dim - n_high, low))
+        if self.grid == "uniform":  # at most 128 channels a group: what one qmm group takes
+            groups = [
+                (first + a, min(128, count - a), bits)
+                for first, count, bits in groups
+                for a in range(0, count, 128)
+            ]
         return tuple(groups)
+
+    @property
+    def qmm_ready(self) -> bool:
+        """Uniform grid with every group one ``mx.quantized_matmul`` group: 32, 64 or 128
+        channels at 2, 3, 4, 5, 6 or 8 bits (attention then reads the codes without decoding)."""
+        return self.grid == "uniform" and all(
+            count in QMM_GROUPS and bits in QMM_BITS for _, count, bits in self.groups
+        )
+
+    @cached_property
+    def group_steps(self) -> tuple[float, ...]:
+        """Uniform grid: each group's step (unit-vector coordinate scale of its block's law)."""
+        return tuple(
+            uniform_step(block_dim, bits)
+            for (_, _, bits), (_, block_dim) in zip(self.groups, self.group_block)
+        )
 
     @cached_property
     def group_block(self) -> tuple[tuple[int, int], ...]:
@@ -237,12 +273,18 @@ def encode(x: mx.array, spec: CodecSpec, check_finite: bool = True) -> Encoded:
     rotated, safe = rotate(x, spec), mx.maximum(norm, 1e-30)  # each block is rotated on its own
     codes, units, parts = [], [], []
     for (start, count, bits), (block, block_dim) in zip(spec.groups, spec.group_block):
-        cb = codebook(block_dim, bits)
         unit = rotated[..., start : start + count] / safe[..., block : block + 1]
-        idx = _nearest(unit, cb.boundaries_mx, bits)
+        if spec.grid == "uniform":  # levels (k - centre) * step: round, then clip
+            step, centre = uniform_step(block_dim, bits), (2**bits - 1) / 2
+            level = mx.clip(mx.round(unit / step + centre), 0, 2**bits - 1)
+            idx = level.astype(mx.uint32)
+            parts.append((level - centre) * step)
+        else:
+            cb = grid_codebook(block_dim, bits)
+            idx = _nearest(unit, cb.boundaries_mx, bits)
+            parts.append(cb.centroids_mx[idx])
         codes.append(pack(idx, bits))
         units.append(unit)
-        parts.append(cb.centroids_mx[idx])
     y_hat = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if spec.kind == "mse":
         if spec.norm_correction:
@@ -266,7 +308,12 @@ def decode_rotated(enc: Encoded, spec: CodecSpec) -> mx.array:
     norms = enc.norms.astype(mx.float32)
     tiered = len(spec.blocks) > 1
     for code, (_, count, bits), (block, block_dim) in zip(enc.codes, spec.groups, spec.group_block):
-        part = codebook(block_dim, bits).centroids_mx[unpack(code, bits, count)]
+        index = unpack(code, bits, count)
+        if spec.grid == "uniform":
+            step = uniform_step(block_dim, bits)
+            part = (index.astype(mx.float32) - (2**bits - 1) / 2) * step
+        else:
+            part = grid_codebook(block_dim, bits).centroids_mx[index]
         parts.append(part * norms[..., block : block + 1] if tiered else part)
     y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if spec.kind == "prod":

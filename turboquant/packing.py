@@ -8,6 +8,8 @@ below works in: blocks of 32 indices <-> blocks of b words, with a fixed shift p
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 MASK32 = 0xFFFFFFFF
@@ -29,10 +31,61 @@ def _pattern(bits: int):
     ]
 
 
+@lru_cache(maxsize=16)
+def _pack_plan(bits: int) -> tuple[mx.array, mx.array, mx.array]:
+    """(index, left, right): for word j of a 32-index block and term t, the index whose bits it
+    holds (32: a zero pad), shifted left by ``left`` then right by ``right``; (bits, terms)."""
+    pattern = _pattern(bits)
+    terms = max(len(p) for p in pattern)
+    index = [[i for i, _ in p] + [32] * (terms - len(p)) for p in pattern]
+    left = [[max(s, 0) for _, s in p] + [0] * (terms - len(p)) for p in pattern]
+    right = [[max(-s, 0) for _, s in p] + [0] * (terms - len(p)) for p in pattern]
+    return (
+        mx.array(index, dtype=mx.uint32).reshape(-1),
+        mx.array(left, dtype=mx.uint32),
+        mx.array(right, dtype=mx.uint32),
+    )
+
+
+# blocks of 32 indices up to which ``pack`` gathers (a few ops in all: a decode step's token)
+# rather than going word by word (fewer bytes moved: a prefill chunk)
+GATHER_BLOCKS = 64
+
+
 def pack(indices: mx.array, bits: int) -> mx.array:
     """(..., n) integer indices < 2^bits -> (..., ceil(n*bits/32)) uint32."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    if indices.size > 32 * GATHER_BLOCKS:
+        return _pack_by_words(indices, bits)
+    return _pack_by_gather(indices, bits)
+
+
+def _pack_by_gather(indices: mx.array, bits: int) -> mx.array:
+    """Each word is the sum of its shifted indices (their bit fields do not overlap, so the sum is
+    their OR, and bits shifted past 32 drop as uint32 shifts do): a gather, two shifts and a sum,
+    whatever the bits (a few ops: what one token's codes cost per decode step)."""
+    *lead, n = indices.shape
+    blocks = -(-n // 32)
+    idx = indices.astype(mx.uint32)
+    pad = blocks * 32 - n + 1  # the block's padding and one zero per block (term padding)
+    idx = mx.concatenate([idx, mx.zeros((*lead, pad), mx.uint32)], axis=-1) if pad else idx
+    idx = mx.concatenate(
+        [
+            idx[..., : blocks * 32].reshape(*lead, blocks, 32),
+            mx.zeros((*lead, blocks, 1), mx.uint32),
+        ],
+        axis=-1,
+    )  # (..., blocks, 33): index 32 is zero
+    index, left, right = _pack_plan(bits)
+    terms = left.shape[-1]
+    parts = mx.take(idx, index, axis=-1).reshape(*lead, blocks, bits, terms)
+    words = mx.sum(mx.right_shift(mx.left_shift(parts, left), right), axis=-1).astype(mx.uint32)
+    return words.reshape(*lead, blocks * bits)[..., : packed_words(n, bits)]
+
+
+def _pack_by_words(indices: mx.array, bits: int) -> mx.array:
+    """``pack`` one word position at a time: ~2 ops per index of a block, cheap per element."""
     *lead, n = indices.shape
     blocks = -(-n // 32)
     idx = indices.astype(mx.uint32)

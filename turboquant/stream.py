@@ -23,7 +23,9 @@ per-1024-token mean 23-68%). ``center_block=0``: one mean for everything.
 Tiers (``tiers=n``, keys): when the first mean is taken, each head's channels are ordered by their
 variance over the centring tokens and the bits spread over n tiers (``turboquant.tiers``).
 
-Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K and at 256K
+Storage: one (B, H, capacity, words) uint32 array per codebook group and the float16 norms
+tier-major, (blocks, B, H, capacity), so attention can hand one block's norms to
+``mx.quantized_matmul`` as its scales without a strided copy. Storage grows in chunks of ``step`` tokens, so appending a token costs the same at 1K and at 256K
 tokens. ``append`` returns an immutable ``StreamView``: what attention reads.
 """
 
@@ -100,7 +102,8 @@ class StreamView:
     offset: int  # tokens so far (a call's queries are the last ones)
     n_quantized: int  # positions [n_sink, n_quantized) are in ``codes``
     sink: mx.array | None  # (B, H, n_sink, D)
-    codes: Encoded | None  # (B, H, capacity, ...), storage index = position - n_sink
+    codes: Encoded | None  # (B, H, capacity, ...), storage index = position - n_sink; its
+    # norms tier-major: (blocks, B, H, capacity)
     tail: mx.array  # (B, H, offset - tail_start, D)
     tail_start: int
     means: mx.array | None  # (B, H, blocks, D)
@@ -114,10 +117,14 @@ class StreamView:
     def shape(self) -> tuple[int, ...]:  # like a (B, H, tokens, D) key array
         return (*self.tail.shape[:2], self.offset, self.spec.dim)
 
+    @property
+    def capacity(self) -> int:
+        """Storage slots (live ones: positions [n_sink, n_quantized); the rest are masked)."""
+        return 0 if self.codes is None else self.codes.norms.shape[-1]
+
     def block(self, start: int, stop: int) -> Encoded:
-        """Codes of positions [start, stop)."""
-        index = (slice(None), slice(None), slice(start - self.n_sink, stop - self.n_sink))
-        return slice_encoded(self.codes, index)
+        """Codes of positions [start, stop), norms (B, H, T, blocks) as ``encode`` gives them."""
+        return _token_major(self.codes, slice(start - self.n_sink, stop - self.n_sink))
 
     def to_code_order(self, x: mx.array, inverse: bool = False) -> mx.array:
         return code_order(x, self.order, inverse)
@@ -134,23 +141,24 @@ def code_order(x: mx.array, order: mx.array | None, inverse: bool = False) -> mx
 
 
 def _storage_like(enc: Encoded, capacity: int) -> Encoded:
-    """Zero storage for ``capacity`` tokens with the field layout of ``enc`` (B, H, T, ...)."""
+    """Zero storage for ``capacity`` tokens with the fields of ``enc`` (B, H, T, ...), norms
+    tier-major (blocks, B, H, capacity)."""
 
     def grow(a: mx.array | None):
         return None if a is None else mx.zeros((*a.shape[:2], capacity, *a.shape[3:]), a.dtype)
 
-    return Encoded(
-        tuple(grow(c) for c in enc.codes), grow(enc.norms), grow(enc.signs), grow(enc.res_norms)
-    )
+    B, H, _, blocks = enc.norms.shape
+    norms = mx.zeros((blocks, B, H, capacity), enc.norms.dtype)
+    return Encoded(tuple(grow(c) for c in enc.codes), norms, grow(enc.signs), grow(enc.res_norms))
 
 
 def _concat_storage(a: Encoded, b: Encoded) -> Encoded:
-    def cat(x, y):
-        return None if x is None else mx.concatenate([x, y], axis=2)
+    def cat(x, y, axis=2):
+        return None if x is None else mx.concatenate([x, y], axis=axis)
 
     return Encoded(
         tuple(cat(x, y) for x, y in zip(a.codes, b.codes)),
-        cat(a.norms, b.norms),
+        cat(a.norms, b.norms, -1),
         cat(a.signs, b.signs),
         cat(a.res_norms, b.res_norms),
     )
@@ -160,10 +168,16 @@ def _assign(store: Encoded, new: Encoded, start: int) -> None:
     end = start + new.norms.shape[2]
     for dst, src in zip(store.codes, new.codes):
         dst[:, :, start:end] = src
-    store.norms[:, :, start:end] = new.norms
+    store.norms[..., start:end] = mx.moveaxis(new.norms, -1, 0)
     if store.signs is not None:
         store.signs[:, :, start:end] = new.signs
         store.res_norms[:, :, start:end] = new.res_norms
+
+
+def _token_major(store: Encoded, tokens: slice) -> Encoded:
+    """Storage slots ``tokens`` as ``encode`` lays them out (norms (B, H, T, blocks))."""
+    enc = slice_encoded(store, (slice(None), slice(None), tokens))
+    return replace(enc, norms=mx.moveaxis(store.norms[..., tokens], 0, -1))
 
 
 class CompressedStream:
@@ -180,10 +194,11 @@ class CompressedStream:
     ):
         if tiers and not layout.center:
             raise ValueError("key_tiers needs center > 0 (the centring tokens order the channels)")
-        if tiers and not tiers_fit(spec.dim, tiers):
+        if tiers and not tiers_fit(spec.dim, tiers, spec.grid):
             raise ValueError(
                 f"key_tiers must be >= 2 (0: off), 2^key_tiers must divide the head dim and leave "
-                f">= 4 channels a tier: {tiers} tiers of {spec.dim}"
+                f">= 4 channels a tier (uniform grid: a multiple of 32): {tiers} tiers of "
+                f"{spec.dim}"
             )
         self.base_spec = self.spec = spec  # spec gets its tiers with the first mean
         self.layout, self.tiers, self.exact_dtype = layout, tiers, exact_dtype
@@ -251,8 +266,9 @@ class CompressedStream:
             var = mx.mean(centred * centred, axis=(0, 2))  # (H, D)
             order = mx.argsort(-var, axis=-1)
             energy = np.array(mx.mean(mx.take_along_axis(var, order, axis=-1), axis=0))
-            tiers = plan_tiers(energy, self.spec.bits, self.tiers)
-            self.spec = replace(self.spec, tiers=tiers)
+            tiers = plan_tiers(energy, self.spec.bits, self.tiers, self.spec.grid)
+            bits = sum(n * b for n, b in tiers) / self.spec.dim  # a budget no step fit: unspent
+            self.spec = replace(self.spec, bits=bits, tiers=tiers)
             self.order = order.astype(mx.uint32)
 
     def _compress(self, end: int) -> None:
@@ -260,7 +276,7 @@ class CompressedStream:
         x = self.tail[:, :, self.n_quantized - self.tail_start : end - self.tail_start]
         enc = encode(code_order(self._centred(x), self.order), self.spec, check_finite=False)
         first, needed = self.n_quantized - self.n_sink, end - self.n_sink  # storage indices
-        capacity = 0 if self.codes is None else self.codes.norms.shape[2]
+        capacity = 0 if self.codes is None else self.codes.norms.shape[-1]
         if needed > capacity:
             extra = _storage_like(enc, -(-(needed - capacity) // self.step) * self.step)
             self.codes = extra if self.codes is None else _concat_storage(self.codes, extra)
@@ -365,9 +381,8 @@ class CompressedStream:
         """A nested dict of arrays, numbers and strings (mlx-lm's prompt-cache files hold it)."""
         codes = None
         if self.codes is not None:
-            live = slice(0, self.n_quantized - self.n_sink)
-            enc = slice_encoded(self.codes, (slice(None), slice(None), live))
-            codes = {"codes": list(enc.codes), "norms": enc.norms}
+            enc = _token_major(self.codes, slice(0, self.n_quantized - self.n_sink))
+            codes = {"codes": list(enc.codes), "norms": enc.norms}  # (B, H, T, blocks)
             codes.update(signs=enc.signs, res_norms=enc.res_norms)
         dtype = "" if self.exact_dtype is None else str(self.exact_dtype).split(".")[-1]
         meta = {
@@ -402,7 +417,12 @@ class CompressedStream:
         new.tail_start = int(meta["tail_start"])
         if state.get("codes"):
             c = state["codes"]
-            new.codes = Encoded(tuple(c["codes"]), c["norms"], c.get("signs"), c.get("res_norms"))
+            new.codes = Encoded(
+                tuple(c["codes"]),
+                mx.contiguous(mx.moveaxis(c["norms"], -1, 0)),  # tier-major (see the top)
+                c.get("signs"),
+                c.get("res_norms"),
+            )
         for name in ("sink", "tail", "means", "sum_base", "order"):
             setattr(new, name, state.get(name))
         old = state.get("sums")  # files written with a sum after each rewind token: the one

@@ -13,6 +13,7 @@ BENCHMARKS = (
     "speed",
     "memory",
     "distortion",
+    "attention",
     "weights",
     "startup",
     "audio",

@@ -39,10 +39,11 @@ class SlidingKVCache:
 
     step = 256
 
-    def __init__(self, window: int, max_rewind: int = DEFAULT_MAX_REWIND):
+    def __init__(self, window: int, max_rewind: int = DEFAULT_MAX_REWIND, attention: str = "sdpa"):
         if window < 1 or max_rewind < 0:
             raise ValueError(f"window must be >= 1 and max_rewind >= 0, got {window}, {max_rewind}")
         self.window, self.max_rewind = window, max_rewind
+        self.attention = attention  # how attend reads it: "sdpa" | "grouped" | "auto" (KVPolicy)
         self.keys: mx.array | None = None  # (B, H, capacity, D): positions from offset - used
         self.values: mx.array | None = None
         self.used = 0  # live slots; slot i holds position offset - used + i
@@ -141,6 +142,7 @@ class SlidingKVCache:
     @classmethod
     def from_state(cls, state: dict, meta_state: Any = None) -> SlidingKVCache:
         new = cls.__new__(cls)
+        new.attention = "sdpa"  # a compute choice, not state: a loaded cache reads as mlx-lm's
         new.state = state
         return new
 

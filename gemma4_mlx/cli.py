@@ -99,7 +99,7 @@ KEY_BITS = typer.Option(
     "--key-bits",
     parser=finite_float,
     metavar="BITS",
-    help="TurboQuant key bits (1..8, steps of 0.5).",
+    help="TurboQuant key bits (1..8, steps of 0.5; 1/8 with key tiers, the default).",
 )
 VALUE_BITS = typer.Option(
     None,

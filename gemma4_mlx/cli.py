@@ -419,6 +419,10 @@ def generate(
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     if prompt_cache_file is not None and prompt_cache_file.is_dir():  # before the model loads
         raise UserError(f"--prompt-cache-file {prompt_cache_file} is a directory; give a file")
+    if image_tokens is not None and not image:
+        raise UserError("--image-tokens needs --image (video frames take 70 soft tokens each)")
+    if (video_frames is not None or video_fps is not None) and not video:
+        raise UserError("--video-frames/--video-fps need --video")
     if video_audio:
         if not video:
             raise UserError("--video-audio needs --video")

@@ -110,6 +110,22 @@ def test_cli_bad_image_input_is_one_line(tiny_mm_chat, photo_file, capsys, extra
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-tokens", "70"], "--image-tokens needs --image"),
+        (["--video-frames", "4"], "--video-frames/--video-fps need --video"),
+        (["--video-fps", "1"], "--video-frames/--video-fps need --video"),
+    ],
+)
+def test_media_options_without_their_media_are_refused(tiny_chat_model, capsys, extra, message):
+    """A media option with no media to apply it to would be silently ignored: refuse it."""
+    args = ["generate", "-m", str(tiny_chat_model), "-p", "hi", "--max-tokens", "2", *extra]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_cli_unreadable_image_is_one_line(tiny_mm_chat, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")

@@ -17,7 +17,9 @@ is its settings table, its metric and its plot on top of these.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -92,51 +94,54 @@ def named(*policies: KVPolicy, baseline: str = "fp32") -> dict[str, KVPolicy]:
 
 
 def choose(aliases: dict[str, KVPolicy], names: str, baseline: str = "fp32") -> dict:
-    """Settings picked on a command line: ``all`` (every alias), or a comma-separated list of
-    aliases (the keys of ``aliases``), result names, or any KV policy text form
-    (``turboquant:k4,window=64``: the items after a text form that are not an alias or a new
-    policy are its options). The baseline (the exact cache) always comes first. Returns {result name: policy}."""
+    """Settings picked on a command line: ``all`` (every alias), or a list of aliases (the keys
+    of ``aliases``), result names or any KV policy text form (``KVPolicy.parse``: ``affine:4``,
+    ``turboquant:k3.5,v2``), separated by ``;`` or, when no text form has a comma in it, by
+    ``,``. The baseline (the exact cache, named ``baseline``) always comes first. Text forms get
+    the benchmarks' bfloat16 exact tokens unless they say ``exact=``. An unknown setting is one
+    line on stderr and exit status 2. Returns {result name: policy}."""
     if names == "all":
         return named(KVPolicy(), *aliases.values(), baseline=baseline)
     by_name = {setting_name(p, baseline): p for p in aliases.values()}
     chosen = [KVPolicy()]
-    items = [n.strip() for n in names.split(",") if n.strip()]
-    while items:
-        item = items.pop(0)
-        if item in aliases or item in by_name:
-            chosen.append(aliases.get(item) or by_name[item])
-            continue
-        parts = [item]  # a text form: with the items after it that are its own options
-        while items and items[0] not in aliases and not _starts_policy(items[0]):
-            parts.append(items.pop(0))
-        try:
-            chosen.append(_parse_setting(",".join(parts)))
-        except KVPolicyError as error:
-            raise SystemExit(
-                f"error: setting {','.join(parts)!r}: not an alias ({', '.join(aliases)}) nor a "
-                f"KV policy ({error})"
-            ) from None
+    for n in _split_settings(names, aliases):
+        policy = aliases.get(n) or by_name.get(n)
+        if policy is None:
+            try:
+                policy = KVPolicy.parse(n)
+            except KVPolicyError as e:
+                sys.stderr.write(
+                    f"error: --settings: unknown setting {n!r} ({e}); use an alias"
+                    f" ({', '.join(aliases)}) or a KV policy text form such as turboquant:k3.5,v2\n"
+                )
+                raise SystemExit(2) from None
+            if policy.kind == "turboquant" and "exact=" not in n:
+                policy = dataclasses.replace(policy, exact_dtype=EXACT)
+        chosen.append(policy)
     return named(*chosen, baseline=baseline)
 
 
-def _starts_policy(item: str) -> bool:
-    """Whether a comma-separated item starts a new policy (``affine:4``, ``turboquant``)."""
-    return item.partition(":")[0] in (*KV_KINDS, *KIND_ALIASES)
-
-
-def _parse_setting(spec: str) -> KVPolicy:
-    """A policy typed on a command line; TurboQuant's exact tokens as bfloat16 unless said."""
-    policy = KVPolicy.parse(spec)
-    if policy.kind == "turboquant" and "exact=" not in spec:
-        policy = KVPolicy.parse(f"{spec}{',' if ':' in spec else ':'}exact={EXACT}")
-    return policy
+def _split_settings(names: str, aliases: dict) -> list[str]:
+    """``a;b`` or ``a,b``; with commas, a piece that is neither an alias nor a policy kind continues
+    the text form before it (``affine4,turboquant:k3,v2,tiers=4,tq`` is three settings)."""
+    if ";" in names:
+        return [n.strip() for n in names.split(";") if n.strip()]
+    out: list[str] = []
+    for piece in (p.strip() for p in names.split(",")):
+        new = ":" in piece or piece in aliases or piece in (*KV_KINDS, *KIND_ALIASES)
+        if out and not new and ":" in out[-1]:
+            out[-1] += "," + piece
+        elif piece:
+            out.append(piece)
+    return out
 
 
 def settings_help(aliases: dict[str, KVPolicy], default: str) -> str:
     """The ``--settings`` help line of a benchmark with these aliases."""
     return (
         f"all | comma-separated aliases ({', '.join(aliases)}) or KV policy text forms "
-        f"(e.g. affine:4,turboquant:k4,window=64); default: {default}"
+        f"(e.g. affine:4;turboquant:k4,window=64), ;-separated when a text form has commas; "
+        f"default: {default}"
     )
 
 

@@ -33,6 +33,7 @@ from gemma4_mlx.bench import DEFAULT_OUT as OUT
 from gemma4_mlx.bench import BenchParser, positive_ints
 from gemma4_mlx.bench.common import (
     accumulate,
+    choose,
     corpus_text,
     default_policy,
     global_bits,
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         action="store_true",
         help="1K, 4K and 16K tokens for the default setting and its baselines (~40 min here)",
     )
+    ap.add_argument(
+        "--settings",
+        default=None,
+        help="comma- or ;-separated KV policy text forms or aliases (affine4, affine8, tq), in"
+        " place of the mode's list (fp32 always runs as the baseline)",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     lengths = [512] if args.quick else args.lengths
@@ -105,6 +112,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     if len(tokens) < max(lengths) + 1:
         raise SystemExit(f"corpus has only {len(tokens)} tokens")
     policies = settings(None if args.long else args.quick)
+    if args.settings is not None:
+        aliases = {
+            "fp32": KVPolicy("exact"),
+            "affine4": KVPolicy("affine", bits=4),
+            "affine8": KVPolicy("affine", bits=8),
+            "tq": default_policy(),
+        }
+        policies = choose(aliases, args.settings)
+        policies.pop("fp32")
     caches = {"fp32": model.make_cache(KVPolicy("fp16"))} | {
         n: model.make_cache(p) for n, p in policies.items()
     }

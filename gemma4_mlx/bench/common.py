@@ -174,15 +174,22 @@ class Lockstep:
         new.fed = self.fed
         return new
 
-    def feed(self, tokens: list[int], logits: bool = True, step: Callable | None = None) -> dict:
-        """The same ``tokens`` through every setting's cache. ``logits``: returns {name: (L, V)
-        logits, evaluated}; else only the cache state is evaluated, as ``generate`` prefills (no
-        logits computed), and the values are None. ``step(name, thunk)`` runs each setting's
-        forward pass (a benchmark times it or reads its peak memory there); default: calls it."""
+    def feed(
+        self,
+        tokens: list[int],
+        each: Callable[[str, Any], None] | None = None,
+        logits: bool = True,
+        step: Callable[[str, Callable], Any] | None = None,
+    ) -> None:
+        """The same ``tokens`` through every setting's cache, the baseline first. ``logits``:
+        each setting's (L, V) logits are evaluated and handed to ``each(name, logits)`` before
+        the next setting runs (one setting's logits in memory at a time); else only the cache
+        state is evaluated, as ``generate`` prefills (no logits computed), and ``each`` gets
+        None. ``step(name, forward)`` runs each setting's forward pass (a benchmark times it or
+        reads its peak memory there) and returns what ``forward()`` returned."""
         import mlx.core as mx
 
         x = mx.array([tokens])
-        out = {}
         for name, cache in self.caches.items():
 
             def forward(cache=cache):
@@ -193,31 +200,53 @@ class Lockstep:
                 mx.eval(y)
                 return y[0]
 
-            out[name] = forward() if step is None else step(name, forward)
+            out = forward() if step is None else step(name, forward)
+            if each is not None:
+                each(name, out)
         self.fed += len(tokens)
-        return out
 
     def run(
         self,
         tokens: list[int],
         chunk: int,
         stops: Iterable[int] = (),
-        on_chunk: Callable[[int, int, dict], None] | None = None,
+        each: Callable[[int, int, str, Any], None] | None = None,
         on_stop: Callable[[int], None] | None = None,
         logits: bool = True,
-        step: Callable | None = None,
+        step: Callable[[str, Callable], Any] | None = None,
     ) -> None:
-        """Feed ``tokens`` (continuing at ``self.fed``) in chunks of ``chunk`` that end at every
-        stop (absolute token counts); ``on_chunk(start, end, outputs)`` after each chunk,
-        ``on_stop(n)`` at each stop (write the results so far there)."""
-        stops = list(stops)
+        """Feed ``tokens`` (the next ones after the ``self.fed`` already in the caches) in
+        chunks of ``chunk`` that end at every stop (token counts in the caches):
+        ``each(start, end, name, logits)`` after each setting's chunk (``feed``), and
+        ``on_stop(n)`` once every setting holds ``n`` tokens (write the results so far there)."""
+        stops = sorted(stops)
         base = self.fed
         for start, end in spans(len(tokens), chunk, [s - base for s in stops]):
-            out = self.feed(tokens[start:end], logits=logits, step=step)
-            if on_chunk is not None:
-                on_chunk(base + start, base + end, out)
+
+            def one(name, out, start=start, end=end):
+                if each is not None:
+                    each(base + start, base + end, name, out)
+
+            self.feed(tokens[start:end], one, logits=logits, step=step)
             if on_stop is not None and base + end in stops:
                 on_stop(base + end)
+
+
+def greedy(model: Any, cache: list, first: int, steps: int, stop=None) -> list[int]:
+    """Up to ``steps`` greedy tokens after token ``first`` (one token a step, argmax, evaluated
+    each step, as a decode loop runs); ``stop(tokens)`` True ends early."""
+    import mlx.core as mx
+
+    out: list[int] = []
+    token = mx.array(first)
+    for _ in range(steps):
+        logits = model(token.reshape(1, 1), cache=cache, last_only=True)
+        token = mx.argmax(logits[0, -1])
+        mx.eval(token)
+        out.append(token.item())
+        if stop is not None and stop(out):
+            break
+    return out
 
 
 # -- what the KV benchmarks measure -----------------------------------------------------------

@@ -149,8 +149,9 @@ KV_FLAGS["value_bits"] = "--value-bits"
 DRAFT_MODEL = typer.Option(
     None,
     "--draft-model",
-    help="Speculative decoding: a small gemma4_text/gemma3_text model with the same tokenizer "
-    "drafts tokens the model verifies (same output, greedy: token for token).",
+    help="Speculative decoding: a small gemma4_text/gemma3_text model with the same tokenizer, "
+    "or Gemma 4's assistant drafter (gemma4_assistant), drafts tokens the model verifies "
+    "(same output, greedy: token for token).",
 )
 NUM_DRAFT_TOKENS = typer.Option(
     None,
@@ -808,15 +809,19 @@ def serve(
     kv_spec: str | None = KV_SPEC,
     chat_template: Path | None = CHAT_TEMPLATE,
     dtype: str | None = DTYPE,
+    draft_model: str | None = DRAFT_MODEL,
+    num_draft_tokens: int | None = NUM_DRAFT_TOKENS,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/models, /health). One worker owns the model and requests queue; a
-    TurboQuant cache is served one request at a time."""
+    TurboQuant cache is served one request at a time. With --draft-model, requests without a
+    schema or tools decode speculatively."""
     import logging
 
     from gemma4_mlx.cache import bind_policy
     from gemma4_mlx.server import Server, ServerConfig, is_loopback
 
+    _check_draft_options(draft_model, num_draft_tokens)
     policy = _policy(kv_cache, kv_bits, key_bits, value_bits, kv_spec)
     template = _read_template(chat_template, raw=False)
     if not 0 <= port <= 65535:
@@ -848,7 +853,12 @@ def serve(
     _note(f"listening on {server.url} (loading the model)")
     model_dir, m, tokenizer = _load(model, dtype, quiet=False)
     bind_policy(m, policy)
-    server.attach(m, tokenizer, model_dir, chat_template=template)
+    draft = None
+    if draft_model is not None:
+        from gemma4_mlx.speculative import load_draft, prepare_draft
+
+        draft = prepare_draft(m, load_draft(draft_model, dtype=dtype), num_draft_tokens, policy)
+    server.attach(m, tokenizer, model_dir, chat_template=template, draft=draft)
     _note(f"serving {config.model_id} at {server.url}/v1 (KV cache: {policy})")
     try:
         server.thread.join()

@@ -12,7 +12,7 @@ naming the field and the file.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -380,4 +380,71 @@ def _parse_text(text: dict, source: str) -> TextConfig:
         moe_intermediate_size=moe_inter,
         tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
         layers=tuple(layers),
+    )
+
+
+ASSISTANT_MODEL_TYPES = ("gemma4_assistant",)
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """Gemma 4's assistant (MTP) drafter: a small gemma4_text stack (``text``) every layer of
+    which reads the target's stored keys/values instead of computing its own (so ``text`` is
+    parsed as if no layer shared: its layers have no K/V projections at all, models/assistant.py).
+    Its input is the target's token embedding joined with the target's last hidden state
+    (``backbone_hidden_size`` each); ``use_ordered_embeddings``: the centroid-masked head."""
+
+    text: TextConfig
+    backbone_hidden_size: int
+    use_ordered_embeddings: bool
+    num_centroids: int
+    centroid_intermediate_top_k: int
+    source: str
+
+    @property
+    def model_type(self) -> str:
+        return "gemma4_assistant"
+
+
+def parse_assistant_config(raw: dict[str, Any], source: str = "config.json") -> AssistantConfig:
+    """A gemma4_assistant config.json (transformers' Gemma4AssistantConfig) -> AssistantConfig."""
+    if not isinstance(raw, dict) or raw.get("model_type") not in ASSISTANT_MODEL_TYPES:
+        raise UserError(f"{source}: not a gemma4_assistant config")
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise UserError(f"{source}: model_type='gemma4_assistant' needs a text_config object")
+    text = dict(text, model_type="gemma4_text", num_kv_shared_layers=0)
+    for key in ("vocab_size", "tie_word_embeddings"):
+        if key not in text and key in raw:
+            text[key] = raw[key]
+    parsed = _parse_text(text, source)
+    for key, bad in (
+        ("hidden_size_per_layer_input", parsed.hidden_size_per_layer_input),
+        ("enable_moe_block", parsed.enable_moe_block),
+        ("use_double_wide_mlp", text.get("use_double_wide_mlp", False)),
+    ):
+        if bad:
+            raise UserError(f"{source}: an assistant drafter has no {key} (got {bad!r})")
+    ordered = bool(raw.get("use_ordered_embeddings", False))
+    centroids = _positive(_get(raw, "num_centroids", source, default=2048), "num_centroids", source)
+    top_k = _positive(
+        _get(raw, "centroid_intermediate_top_k", source, default=32),
+        "centroid_intermediate_top_k",
+        source,
+    )
+    if ordered and (parsed.vocab_size % centroids or top_k > centroids):
+        raise UserError(
+            f"{source}: num_centroids={centroids} must divide vocab_size={parsed.vocab_size} "
+            f"and be >= centroid_intermediate_top_k={top_k}"
+        )
+    tie = bool(raw.get("tie_word_embeddings", parsed.tie_word_embeddings))
+    return AssistantConfig(
+        text=replace(parsed, tie_word_embeddings=tie),
+        backbone_hidden_size=_positive(
+            _get(raw, "backbone_hidden_size", source, default=1536), "backbone_hidden_size", source
+        ),
+        use_ordered_embeddings=ordered,
+        num_centroids=centroids,
+        centroid_intermediate_top_k=top_k,
+        source=source,
     )

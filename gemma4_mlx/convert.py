@@ -123,6 +123,20 @@ def _save_weights(model: nn.Module, out: Path) -> None:
     )
 
 
+def _load_source(source: Path, dtype: str | None) -> nn.Module:
+    """The model to convert: a Gemma checkpoint, or a gemma4_assistant drafter."""
+    from gemma4_mlx.config import ASSISTANT_MODEL_TYPES
+    from gemma4_mlx.loading import load_assistant, load_model
+
+    try:
+        kind = json.loads((source / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # load_model says what is wrong with it
+    if kind in ASSISTANT_MODEL_TYPES:
+        return load_assistant(source, dtype=dtype)[0]
+    return load_model(source, dtype=dtype)[0]
+
+
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path,
@@ -134,7 +148,7 @@ def convert(
     force: bool = False,
     upload_repo: str | None = None,
 ) -> Path:
-    from gemma4_mlx.loading import load_model, resolve_model_path
+    from gemma4_mlx.loading import resolve_model_path
 
     if quantize:
         check_quantization(q_bits, q_group_size, q_mode)
@@ -156,7 +170,7 @@ def convert(
             source = gguf_to_hf(source, tmp / "hf")
         else:
             source = resolve_model_path(hf_path)
-        model, config = load_model(source, dtype=dtype)
+        model = _load_source(source, dtype)
         raw = json.loads((source / "config.json").read_text())
         if isinstance(raw.get("text_config"), dict):
             raw["text_config"] = _released_form(raw["text_config"])

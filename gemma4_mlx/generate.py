@@ -264,7 +264,7 @@ def stream_generate(
         stats = stats if stats is not None else SpeculativeStats(n_draft)
         yield from speculative_stream(
             model, tokenizer, tokens, draft_model, n_draft, max_tokens, sampler, cache,
-            draft_cache, stats,
+            draft_cache, stats, sampling,
         )  # fmt: skip
         return
     yield from mlx_stream_generate(
@@ -467,7 +467,8 @@ def _generate_from(
 
         draft_model, n_draft = draft
         draft_cache = draft_model.make_cache()
-        _prefill(draft_model, draft_cache, tokens[: len(tokens) - len(remaining)])
+        if draft_cache:  # an assistant drafter has none: it reads the target's
+            _prefill(draft_model, draft_cache, tokens[: len(tokens) - len(remaining)])
         spec = dict(
             draft_model=draft_model,
             num_draft_tokens=n_draft,
@@ -805,7 +806,8 @@ class Chat:
         check_rewind(self.cache, n, "target's")
         if self.draft_cache is None or common == 0:
             self.draft_cache = self.draft_model.make_cache()
-            _prefill(self.draft_model, self.draft_cache, tokens[:common])
+            if self.draft_cache:  # an assistant drafter has none: it reads the target's
+                _prefill(self.draft_model, self.draft_cache, tokens[:common])
         check_rewind(self.draft_cache, n - 1, "draft model's")
         return dict(
             draft_model=self.draft_model,
@@ -819,8 +821,9 @@ class Chat:
         (the target has not seen its last token; a stop inside accepted drafts leaves extra
         ones): trim both to the shorter and remember how many tokens both hold, so that the
         next turn prefills the rest."""
-        held = min(self.cache[0].offset, self.draft_cache[0].offset, len(self.cached_tokens))
-        for caches in (self.cache, self.draft_cache):
+        both = [c for c in (self.cache, self.draft_cache) if c]  # an assistant has no cache
+        held = min(*(c[0].offset for c in both), len(self.cached_tokens))
+        for caches in both:
             extra = caches[0].offset - held
             if extra:
                 for c in caches:

@@ -158,10 +158,34 @@ def load_model(
     model_dir = Path(path)
     config = load_config(model_dir)
     model = build_model(config, text_only=text_only)
+    _load_into(model, config.raw, model_dir, dtype, lazy)
+    return model, config
+
+
+def load_assistant(path: str | Path, dtype: str | mx.Dtype | None = None) -> tuple[Any, Any]:
+    """A gemma4_assistant directory (HF layout or our conversion) -> (Assistant, its config)."""
+    from gemma4_mlx.config import parse_assistant_config
+    from gemma4_mlx.models.assistant import Assistant
+
+    model_dir = Path(path)
+    source = model_dir / "config.json"
+    try:
+        raw = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{source}: not a readable config.json ({e})") from None
+    config = parse_assistant_config(raw, str(source))
+    model = Assistant(config)
+    _load_into(model, raw, model_dir, dtype, lazy=False)
+    return model, config
+
+
+def _load_into(model: nn.Module, raw: dict, model_dir: Path, dtype: Any, lazy: bool) -> None:
+    """The checkpoint's weights into ``model``: sanitized, quantized like the checkpoint,
+    cast to ``dtype``, every name and shape checked."""
     weights = model.sanitize(load_weights(model_dir))
-    quantization = config.raw.get("quantization")
-    if quantization is None and isinstance(config.raw.get("text_config"), dict):
-        quantization = config.raw["text_config"].get("quantization")
+    quantization = raw.get("quantization")
+    if quantization is None and isinstance(raw.get("text_config"), dict):
+        quantization = raw["text_config"].get("quantization")
     if quantization is not None:
         _quantize_like_checkpoint(model, quantization, weights)
     if dtype is not None:
@@ -180,7 +204,6 @@ def load_model(
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
-    return model, config
 
 
 def _eos_ids(model_dir: Path, config: ModelConfig) -> list[int] | None:

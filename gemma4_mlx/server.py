@@ -1212,9 +1212,17 @@ class Server:
         return f"http://{host}:{port}"
 
     def attach(
-        self, model: Any, tokenizer: Any, model_dir: Any = None, chat_template: str | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_dir: Any = None,
+        chat_template: str | None = None,
+        draft: tuple[Any, int] | None = None,
     ) -> Api:
-        """Serve ``model``: start its worker. ``chat_template``: instead of the tokenizer's."""
+        """Serve ``model``: start its worker. ``chat_template``: instead of the tokenizer's.
+        ``draft``: (draft model or assistant drafter, tokens per step) from
+        ``gemma4_mlx.speculative.prepare_draft``: speculative decoding for requests without a
+        response schema or tool grammar."""
         from gemma4_mlx.cache import bound_policy
         from gemma4_mlx.engine.worker import Engine
         from gemma4_mlx.generate import generation_defaults, kv_bytes_per_token
@@ -1234,6 +1242,7 @@ class Server:
             stop_ids=stop_ids,
             max_queue=config.max_queue,
             prompt_cache_bytes=config.prompt_cache_bytes,
+            draft=draft,
         )
         info = {
             "template": chat_template or own_template(tokenizer),

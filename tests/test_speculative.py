@@ -211,12 +211,15 @@ def test_cli_chat_with_a_draft_model_reports_acceptance(tiny_chat_model, capsys,
     assert err.count("draft accepted") == 2
 
 
-def test_an_assistant_drafter_checkpoint_is_detected_and_refused_in_words(tmp_path, pair):
+def test_an_unsupported_assistant_checkpoint_is_detected_and_refused_in_words(tmp_path, pair):
     from gemma4_mlx.errors import UserError
 
     model, tokenizer, _ = pair("gemma3")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_unified_assistant"}))
+    with pytest.raises(UserError, match="gemma4_unified_assistant drafter .* not supported"):
+        generate(model, tokenizer, _prompt(8), 4, draft_model=tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_assistant"}))
-    with pytest.raises(UserError, match="gemma4_assistant drafter .* not supported"):
+    with pytest.raises(UserError, match="needs a text_config"):
         generate(model, tokenizer, _prompt(8), 4, draft_model=tmp_path)
 
 

@@ -73,8 +73,13 @@ class Engine:
         stop_ids: list[int],
         max_queue: int = 16,
         prompt_cache_bytes: int = 2 << 30,
+        draft: tuple[Any, int] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
+        # (draft model or gemma4_assistant drafter, tokens per step): speculative decoding
+        # (gemma4_mlx.speculative) for requests without a grammar
+        self.draft = draft
+        self.drafted = self.accepted = 0  # draft tokens proposed and kept, over all requests
         self.cache_key = cache_key
         self.stop_ids = set(stop_ids)
         self.vocab_size = model.config.vocab_size
@@ -177,9 +182,22 @@ class Engine:
             mx.random.seed(job.seed)
         sampler = make_sampler(job.temp, job.top_p, job.min_p, top_k=job.top_k)
         banned = mx.array(job.banned, dtype=mx.int32) if job.banned else None
+        start = time.perf_counter()
+        if self.draft is not None and job.grammar is None:
+            fed, finish, generated = self._speculative(job, prompt, cache, sampler)
+        else:
+            fed, finish, generated = self._decode(job, prompt, cache, sampler, banned)
+        decode_seconds = time.perf_counter() - start
+        self.store.insert(self.cache_key, fed, cache, copy_cache=False)
+        return Outcome(
+            finish, len(prompt), hit.reused, generated, prompt_seconds, decode_seconds, hit.how
+        )
+
+    def _decode(self, job: Job, prompt: list[int], cache: list, sampler, banned) -> tuple:
+        """Token by token from the prompt's last token -> (tokens the cache holds, finish
+        reason, tokens generated)."""
         fed = list(prompt[:-1])  # the tokens the cache holds
         token, finish, generated = prompt[-1], "length", 0
-        start = time.perf_counter()
         while generated < job.max_tokens:
             logits = self.model(mx.array([[token]]), cache=cache, last_only=True)[:, -1, :]
             fed.append(token)
@@ -204,8 +222,52 @@ class Engine:
                 if job.grammar.done:
                     finish = "stop"
                     break
-        decode_seconds = time.perf_counter() - start
-        self.store.insert(self.cache_key, fed, cache, copy_cache=False)
-        return Outcome(
-            finish, len(prompt), hit.reused, generated, prompt_seconds, decode_seconds, hit.how
-        )
+        return fed, finish, generated
+
+    def _speculative(self, job: Job, prompt: list[int], cache: list, sampler) -> tuple:
+        """``_decode`` with the draft (gemma4_mlx.speculative): the same tokens (greedy) or
+        distribution (sampled). A draft model's own cache is prefilled with the prompt here;
+        the assistant drafter has none. The cache is left holding what the output holds."""
+        from gemma4_mlx.generate import SamplingOptions
+        from gemma4_mlx.speculative import SpeculativeStats, speculative_steps
+
+        draft, n = self.draft
+        draft_cache = draft.make_cache()
+        held = prompt[:-1]  # what the target's cache holds: the draft model's must hold it too
+        for i in range(0, len(held), self.prefill_step) if draft_cache else ():
+            draft(mx.array([held[i : i + self.prefill_step]]), cache=draft_cache)
+            mx.eval([c.state for c in draft_cache])
+        sampling = SamplingOptions(job.temp, job.top_p, job.top_k, job.min_p)
+        stats = SpeculativeStats(n)
+        steps = speculative_steps(
+            self.model, prompt[-1:], draft, n, job.max_tokens, sampler, cache, draft_cache,
+            stats, sampling, job.banned or None,
+        )  # fmt: skip
+        out, finish = [], "length"
+        try:
+            for token, _, _ in steps:
+                out.append(token)
+                self._progress(job)
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                job.events.put(("token", token))
+                if job.halt.is_set():
+                    finish = "stop"
+                    break
+                if len(out) >= job.max_tokens:
+                    break
+        finally:
+            steps.close()
+            self.drafted, self.accepted = (
+                self.drafted + stats.drafted,
+                self.accepted + stats.accepted,
+            )
+        # The target's cache holds the prompt and the output up to its last verified token,
+        # perhaps drafts the output stopped before: trim those (within its rewind budget).
+        seen = list(prompt) + out
+        extra = cache[0].offset - min(cache[0].offset, len(seen))
+        if extra:
+            for c in cache:
+                c.trim(extra)
+        return seen[: cache[0].offset], finish, len(out)

@@ -237,6 +237,10 @@ class TextModel(nn.Module):
         self._mask_source = {
             t: next(s.index for s in cfg.layers if s.layer_type == t) for t in set(cfg.layer_types)
         }
+        # The last cache-owning layer of each type: the keys/values Gemma 4's assistant drafter
+        # reads (transformers' kv_sharing_modes marks them "store").
+        owners = [s for s in cfg.layers if not s.is_kv_shared]
+        self._stored_layers = {s.layer_type: s.index for s in owners}
 
     def embed_per_layer(self, ids: mx.array) -> mx.array:
         """(B, L, n_layers, ple): the token half of the per-layer inputs, embed_pl(ids) * sqrt(ple).
@@ -269,18 +273,25 @@ class TextModel(nn.Module):
         input_embeddings: mx.array | None = None,
         per_layer_inputs: mx.array | None = None,
         last_only: bool = False,
+        stored: dict | None = None,
     ):
         """Hidden states (B, L, H) for every position, or (B, 1, H) with ``last_only``.
 
         ``input_embeddings`` are unscaled token embeddings (mlx-lm's convention: the model
-        multiplies them by sqrt(H)); ``per_layer_inputs`` is ``embed_per_layer(ids)``.
+        multiplies them by sqrt(H)); ``per_layer_inputs`` is ``embed_per_layer(ids)``;
+        ``stored``: see ``decode``.
         """
         if input_embeddings is None:
             input_embeddings = self.embed_tokens(inputs)
-        dtype = input_embeddings.dtype
+        return self.decode(
+            self.scale_embeddings(input_embeddings), inputs, cache, per_layer_inputs, last_only,
+            stored=stored,
+        )  # fmt: skip
+
+    def scale_embeddings(self, input_embeddings: mx.array) -> mx.array:
         # sqrt(hidden) rounded to the weight dtype, as the reference does (bf16: sqrt(1536) -> 39.25)
-        h = input_embeddings * mx.array(self.config.hidden_size**0.5, dtype=dtype)
-        return self.decode(h, inputs, cache, per_layer_inputs, last_only)
+        dtype = input_embeddings.dtype
+        return input_embeddings * mx.array(self.config.hidden_size**0.5, dtype=dtype)
 
     def decode(
         self,
@@ -290,11 +301,14 @@ class TextModel(nn.Module):
         per_layer_inputs: mx.array | None = None,
         last_only: bool = False,
         masks: dict[str, Any] | None = None,
+        stored: dict | None = None,
     ) -> mx.array:
         """The layer stack over already-scaled embeddings h (B, L, H): the entry point of a
         multimodal model, whose soft tokens are not scaled by sqrt(H). ``masks`` (layer type ->
         mask) replaces the causal/sliding mask of those layer types (the bidirectional image
-        overlay of 26B/31B sliding layers)."""
+        overlay of 26B/31B sliding layers). ``stored`` (a dict) receives, per layer type, what
+        the last cache-owning layer of that type attended to: (keys, values, offset, cache) as
+        its cache returned them, covering the positions up to offset + L."""
         cfg = self.config
         per_layer = None
         if self._ple:
@@ -329,6 +343,8 @@ class TextModel(nn.Module):
             h, kvs[i] = layer(h, masks[spec.layer_type], cache[i], shared, pli)
         if last_only:
             h = h[:, -1:]
+        if stored is not None:
+            stored.update({t: kvs[i] for t, i in self._stored_layers.items()})
         return self.norm(h)
 
 
@@ -355,6 +371,11 @@ class CausalLM(nn.Module):
         ``last_only`` gives (B, 1, vocab) and skips work no other position needs."""
         h = self.model(inputs, cache, input_embeddings, per_layer_inputs, last_only)
         return self.logits(h)
+
+    def hidden_states(self, inputs: mx.array, cache=None, stored: dict | None = None):
+        """Final (normed) hidden states (B, L, H) for every position: ``logits(h)`` gives this
+        call's logits. ``stored``: see ``TextModel.decode`` (what an assistant drafter reads)."""
+        return self.model(inputs, cache, stored=stored)
 
     def logits(self, h: mx.array) -> mx.array:
         """Final hidden states (B, L, H) -> softcapped logits (B, L, vocab)."""

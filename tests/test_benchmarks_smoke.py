@@ -77,6 +77,15 @@ def test_quality_quick(tmp_path, demo_cache):
     assert result["default"] == setting_name(default_policy())
     assert 0 < default["kl"] < rows["affine:4"]["512"]["kl"]
     assert 0.5 < default["top1"] <= 1 and default["global_bits_per_channel"] < 16
+    assert (tmp_path / "quality_quick.png").stat().st_size > 0
+    assert list(rows)[0] == "fp32" and set(rows) == set(result["settings"])
+    for row in rows.values():  # every setting measured at the length, finite numbers
+        r = row["512"]
+        assert 1 < r["perplexity"] < 1e4 and r["kl"] >= 0 and 0 < r["top1"] <= 1
+        assert (
+            abs(r["perplexity_change"] - (r["perplexity"] / rows["fp32"]["512"]["perplexity"] - 1))
+            < 1e-12
+        )
 
 
 def test_weights_quick(tmp_path, demo_cache):

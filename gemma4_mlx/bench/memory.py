@@ -28,7 +28,7 @@
     python benchmarks/memory.py --quick   # E2B at 8K, decode peak at 8K (about a minute)
     python benchmarks/memory.py --variants 31B --contexts 8192,262144   # a reduced run
     (also: gemma4-mlx bench memory [options])
-Results are rewritten after each variant, so a stopped run keeps what it measured.
+Results are rewritten after each setting of each variant, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -124,14 +124,15 @@ def sliding_bytes(config: TextConfig, context: int) -> int:
     return cache.nbytes * count
 
 
-def variant_rows(variant: str, settings: dict, contexts: list[int]) -> list[dict]:
-    """One row per (setting, context) of one variant."""
+def variant_rows(variant: str, settings: dict, contexts: list[int]):
+    """Yields each setting's rows (one per context) of one variant, the baseline's first."""
     config = variant_config(variant)
     spec, count = layer_kinds(config)["global"]
     contexts = [c for c in contexts if c <= config.max_position_embeddings]
     sliding = {c: sliding_bytes(config, c) for c in contexts}
-    rows = []
+    base: dict[int, int] = {}  # context -> the baseline's global bytes
     for name, policy in settings.items():
+        rows = []
         cache = make_layer_cache(config, spec, policy)
         t0 = time.perf_counter()
         for context in contexts:
@@ -150,6 +151,8 @@ def variant_rows(variant: str, settings: dict, contexts: list[int]) -> list[dict
                 }
             )
             r = rows[-1]
+            base.setdefault(context, r["global_bytes"])
+            r["ratio_to_bf16_global"] = base[context] / r["global_bytes"]
             print(
                 f"{variant:8s} {name[:60]:60s} {context // K:4d}K  global "
                 f"{r['global_bytes'] / GiB:7.3f} GiB (+ sliding {r['sliding_bytes'] / GiB:.3f})"
@@ -158,10 +161,7 @@ def variant_rows(variant: str, settings: dict, contexts: list[int]) -> list[dict
             )
         del cache
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for row in rows:
-        base = next(r for r in rows if r["context"] == row["context"] and r["setting"] == BASELINE)
-        row["ratio_to_bf16_global"] = base["global_bytes"] / row["global_bytes"]
-    return rows
+        yield rows
 
 
 # -- peak memory through the model's attention entry ------------------------------------------
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--no-peak", action="store_true", help="skip part 2 (peak memory)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]  # in this order
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(
@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         write_results(args.out, name, payload, lambda: plot(rows, settings))
 
     for variant in variants:
-        rows += variant_rows(variant, settings, contexts)
-        write()
+        for got in variant_rows(variant, settings, contexts):
+            rows.extend(got)
+            write()
     if not args.no_peak:
         prefill_contexts = [] if args.quick else [8 * K, 32 * K]
         peaks += attention_peaks(PEAK_SETTINGS, peak_contexts, prefill_contexts)

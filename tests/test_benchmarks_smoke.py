@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from gemma4_mlx.bench.common import default_policy, setting_name
+from gemma4_mlx.cache import cache_layers
+from gemma4_mlx.variants import variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +38,35 @@ def test_distortion_quick(tmp_path):
 
 def test_memory_quick(tmp_path):
     result = _run("memory.py", tmp_path)
-    assert {r["setting"] for r in result["memory"]} >= {"bf16", "affine4", "tq3.5"}
-    assert all(c["ok"] for c in result["checks"]), result["checks"]
+    assert (tmp_path / "memory_quick.png").stat().st_size > 0
+    rows = {r["setting"]: r for r in result["memory"]}
+    default = setting_name(default_policy())
+    assert {"bf16", "affine:4", "affine:8", default} <= set(rows) and result["default"] == default
+    # the layer counts are the model's cache plan on the E2B config facts
+    config = variant_config("E2B")
+    owners = cache_layers(config)
+    assert {r["global_layers"] for r in rows.values()} == {sum(not s.is_sliding for s in owners)}
+    # bf16 stores 16 bits a channel; affine B-bit adds a bf16 scale and bias per group of 64
+    assert rows["bf16"]["stored_bits_per_channel"] == 16
+    assert rows["affine:4"]["stored_bits_per_channel"] == 4 + 32 / 64
+    tq = rows[default]
+    assert 2.5 < tq["stored_bits_per_channel"] < 4 and tq["ratio_to_bf16_global"] > 4
+    # sliding layers hold the same SlidingKVCache whatever the global setting: at least the
+    # window of every sliding layer in bf16
+    window = (
+        2
+        * 2
+        * config.sliding_window
+        * sum(s.n_kv_heads * s.head_dim for s in owners if s.is_sliding)
+    )
+    assert {r["sliding_bytes"] for r in rows.values()} == {tq["sliding_bytes"]}
+    assert tq["sliding_bytes"] >= window
+    for r in rows.values():
+        assert r["total_bytes"] == r["global_bytes"] + r["sliding_bytes"]
+    peaks = {p["setting"]: p for p in result["attention_peak"]}
+    assert {p["query_tokens"] for p in peaks.values()} == {1}
+    assert 0 < peaks[default]["peak_growth_mib"] < peaks["affine:4"]["peak_growth_mib"]
+    assert result["checks"] and all(c["ok"] for c in result["checks"]), result["checks"]
 
 
 def test_quality_quick(tmp_path, demo_cache):
@@ -48,6 +77,15 @@ def test_quality_quick(tmp_path, demo_cache):
     assert result["default"] == setting_name(default_policy())
     assert 0 < default["kl"] < rows["affine:4"]["512"]["kl"]
     assert 0.5 < default["top1"] <= 1 and default["global_bits_per_channel"] < 16
+    assert (tmp_path / "quality_quick.png").stat().st_size > 0
+    assert list(rows)[0] == "fp32" and set(rows) == set(result["settings"])
+    for row in rows.values():  # every setting measured at the length, finite numbers
+        r = row["512"]
+        assert 1 < r["perplexity"] < 1e4 and r["kl"] >= 0 and 0 < r["top1"] <= 1
+        assert (
+            abs(r["perplexity_change"] - (r["perplexity"] / rows["fp32"]["512"]["perplexity"] - 1))
+            < 1e-12
+        )
 
 
 def test_weights_quick(tmp_path, demo_cache):

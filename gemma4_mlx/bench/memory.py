@@ -1,166 +1,172 @@
-"""KV-cache memory of real cache objects for Gemma 4's layouts, peak attention memory, and speed.
+"""KV-cache memory of real cache objects for Gemma 4's released layouts, and peak attention memory.
 
-1. Bytes: for each variant (E2B, E4B, 26B-A4B, 31B) one layer of each kind is built at its real
-   shape (kv heads x head dim) and filled with synthetic keys/values to 8K/32K/128K/256K tokens
-   (E2B/E4B to 128K); ``nbytes`` of the real cache object (allocated arrays, growth slack and the
-   exact recent-token window included) is multiplied by the number of cache-owning layers of that
-   kind (KV-shared consumer layers own none). Settings: bf16 (mlx-lm KVCache), mlx-lm affine 8/4
-   bit (QuantizedKVCache), TurboQuant 2.5 (the default)/3/3.5/4 code bits (K/V splits of
-   gemma4_mlx.cache), with the default 4 first and 32 recent tokens exact (bf16), the centring
-   means and 4 key channel tiers (one float16 norm each), the previous default (3.25: K4.5/V2,
-   one rotation and one norm) and 3.5 bits with no exact tokens, centring or tiers. Sliding
-   layers keep a bf16 ring buffer.
-2. Peak: for the 31B global-layer shape (32 q heads, 4 kv heads, head dim 512), growth of
-   ``mx.get_peak_memory()`` beyond the cache during one decode step (32K and 128K cached tokens)
-   and one 512-token prefill chunk (8K and 32K), TurboQuant vs mlx-lm's quantized path.
-3. Speed: decode-step attention time at 8K/32K/128K for TurboQuant vs float32 SDPA vs mlx-lm's
-   quantized attention, as ratios to SDPA in the same run.
+1. Bytes. Each variant's layer plan comes from its config facts (``gemma4_mlx.variants``: E2B,
+   E4B, 26B-A4B, 31B, parsed by ``parse_config``), and its caches from the model's own cache
+   plan (``gemma4_mlx.cache.make_layer_cache`` with the setting's policy): one cache of each
+   layer kind, the first cache-owning sliding and global layer, is built and filled with
+   synthetic bfloat16 keys/values (bf16 storage, as on a Mac), and its ``nbytes`` (allocated
+   arrays: growth slack, exact tokens, means and rewind copies included) is multiplied by the
+   number of cache-owning layers of that kind (KV-shared consumer layers own none). Global
+   layers are filled in 4096-token chunks to 8K/32K/128K/256K (up to the variant's max
+   context). Sliding layers get the model's SlidingKVCache whatever the setting, filled as
+   ``generate`` prefills (512-token chunks): the window - 1 + max_rewind tokens it keeps, the
+   chunk being written and its growth step. Settings: bf16 (the exact cache, mlx-lm's KVCache),
+   mlx-lm affine 8/4 bit (QuantizedKVCache), TurboQuant at 2.5 (the default)/3/3.5/4 average
+   code bits (K/V splits of gemma4_mlx.cache) with the default sink 4, window 32, centring and
+   4 key channel tiers, the default without exact trims (``rewind=0``), the previous default
+   (3.25: K4.5/V2, one rotation) and 3.5 bits with no exact tokens or centring.
+2. Peak. At the 31B global-layer shape (32 q heads, 4 kv heads, head dim 512): growth of
+   ``mx.get_peak_memory()`` beyond the cache during one decode step (8K/32K/128K cached tokens)
+   and one 512-token prefill chunk (8K/32K; mlx-lm affine at 8K only), through the cache's own ``update_and_fetch`` and
+   the model's attention entry (``gemma4_mlx.models.attention.attend``): the exact cache
+   (fused SDPA), mlx-lm affine 4 and the default TurboQuant (exact tokens bf16). Queries and
+   keys are float32 here, as the model runs on this CPU build (MLX's CPU bfloat16 matmuls are
+   far too slow); on a Mac in bf16 the transients are about half. (Attention time is the attention
+   benchmark's, ``gemma4_mlx/bench/attention.py``.)
 
     python benchmarks/memory.py           # writes benchmarks/results/memory.{json,png}
-    python benchmarks/memory.py --quick   # E2B at 8K only, seconds
+    python benchmarks/memory.py --quick   # E2B at 8K, decode peak at 8K (about a minute)
+    python benchmarks/memory.py --variants 31B --contexts 8192,262144   # a reduced run
+    (also: gemma4-mlx bench memory [options])
+Results are rewritten after each setting of each variant, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.models.base import quantized_scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.base import create_attention_mask
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
-from gemma4_mlx.bench import BenchParser
-from gemma4_mlx.cache import DEFAULT_BITS, KVPolicy
-from gemma4_mlx.kv.cache import TurboQuantKVCache
-from turboquant.attention import attention as tq_attention
-from turboquant.codec import CodecSpec
+from gemma4_mlx.bench import BenchParser, positive_ints
+from gemma4_mlx.bench.common import (
+    EXACT,
+    choose,
+    default_policy,
+    describe,
+    named,
+    result_name,
+    setting_name,
+    settings_help,
+    write_results,
+)
+from gemma4_mlx.cache import DEFAULT_BITS, KVPolicy, cache_layers, make_layer_cache
+from gemma4_mlx.config import LayerSpec, TextConfig
+from gemma4_mlx.models.attention import attend
+from gemma4_mlx.variants import VARIANTS, variant_config
 
 GiB = 2**30
 K = 1024
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    global_layers: int  # cache-owning global layers
-    sliding_layers: int  # cache-owning sliding layers
-    kv_global: int
-    kv_sliding: int
-    window: int
-    max_context: int
-    head_global: int = 512
-    head_sliding: int = 256
-
-
-# Cache-owning layers, from the released configs (E2B, E4B, 26B-A4B, 31B config.json) (KV-shared consumers own no cache):
-# E2B: 35 layers (4 sliding + 1 full) x 7, last 20 shared -> layers 0..14 own: 3 global, 12 sliding.
-# E4B: 42 layers (5+1) x 7, last 18 shared -> layers 0..23 own: 4 global, 20 sliding.
-LAYOUTS = [
-    Layout("E2B", 3, 12, 1, 1, 512, 128 * K),
-    Layout("E4B", 4, 20, 2, 2, 512, 128 * K),
-    Layout("26B-A4B", 5, 25, 2, 8, 1024, 256 * K),
-    Layout("31B", 10, 50, 4, 16, 1024, 256 * K),
-]
 CONTEXTS = [8 * K, 32 * K, 128 * K, 256 * K]
+FILL_CHUNK = 4096  # global layers (the stored bytes do not depend on it)
+PREFILL_CHUNK = 512  # as generate prefills: what a sliding ring holds depends on it
+# mlx-lm's quantized attention materialises the scores: its 512-token prefill chunk takes ~3 min
+# at 8K on this CPU and grows with the context, so it is measured at 8K only
+AFFINE_PREFILL_MAX = 8 * K
+BASELINE = "bf16"  # the exact cache, holding bfloat16 keys/values
 
 
-def settings() -> dict[str, KVPolicy | None]:
-    out: dict[str, KVPolicy | None] = {"bf16": None}
-    out["affine8"] = KVPolicy("affine", bits=8)
-    out["affine4"] = KVPolicy("affine", bits=4)
-    for bits in sorted({2.5, 3.0, DEFAULT_BITS, 3.5, 4.0}):  # default sink, window, centring, tiers
-        out[f"tq{bits:g}"] = KVPolicy("turboquant", bits=bits)
-    out["tq3.25-t0"] = KVPolicy("turboquant", bits=3.25, key_tiers=0)  # the previous default
-    out["tq3.5-nowin"] = KVPolicy("turboquant", bits=3.5, fp_window=0, sink=0, center=0)
+def _tq(bits: float, **options) -> KVPolicy:
+    return KVPolicy("turboquant", bits=bits, exact_dtype=EXACT, **options)
+
+
+# command-line aliases of the settings (result names: common.setting_name, the exact one bf16)
+ALIASES = {
+    "bf16": KVPolicy(),  # the exact cache (the baseline: always run)
+    "affine8": KVPolicy("affine", bits=8),
+    "affine4": KVPolicy("affine", bits=4),
+    **{f"tq{b:g}": _tq(b) for b in sorted({2.5, 3.0, DEFAULT_BITS, 3.5, 4.0})},
+    "tq-rewind0": _tq(DEFAULT_BITS, max_rewind=0),  # the default without exact trims
+    "tq3.25-t0": _tq(3.25, key_tiers=0),  # the previous default: one rotation, one norm
+    "tq3.5-nowin": _tq(3.5, fp_window=0, sink=0, center=0),
+}
+PEAK_SETTINGS = named(KVPolicy(), ALIASES["affine4"], default_policy())  # exact: fp32
+
+
+# -- filling real caches ------------------------------------------------------------------------
+def fill(
+    cache, n_tokens: int, spec: LayerSpec, chunk: int, seed: int = 0, dtype=mx.bfloat16
+) -> None:
+    """Append synthetic keys/values (1, kv heads, n, head dim) until the cache holds
+    ``n_tokens``, evaluating everything it holds after each chunk (as a prefill does)."""
+    key = mx.random.key(seed + cache.offset)
+    while cache.offset < n_tokens:
+        n = min(chunk, n_tokens - cache.offset)
+        key, k1, k2 = mx.random.split(key, 3)
+        shape = (1, spec.n_kv_heads, n, spec.head_dim)
+        keys = mx.random.normal(shape, key=k1).astype(dtype)
+        values = mx.random.normal(shape, key=k2).astype(dtype)
+        cache.update_and_fetch(keys, values)
+        mx.eval(cache.state)
+
+
+def layer_kinds(config: TextConfig) -> dict[str, tuple[LayerSpec, int]]:
+    """{"sliding" | "global": (the first cache-owning layer of that kind, how many own one)},
+    from the model's cache plan."""
+    owners = cache_layers(config)
+    out = {}
+    for kind, sliding in (("sliding", True), ("global", False)):
+        same = [s for s in owners if s.is_sliding == sliding]
+        if same:
+            out[kind] = (same[0], len(same))
     return out
 
 
-def make_global_cache(policy: KVPolicy | None, head_dim: int):
-    if policy is None:
-        return KVCache()
-    if policy.kind == "affine":
-        return QuantizedKVCache(group_size=64, bits=int(policy.resolved_bits()[0]))
-    kb, vb = policy.resolved_bits()
-    return TurboQuantKVCache(
-        CodecSpec(head_dim, kb),
-        CodecSpec(head_dim, vb),
-        fp_window=policy.fp_window,
-        sink=policy.sink,
-        center=policy.center,
-        center_block=policy.center_block,
-        key_tiers=policy.tiers_for(head_dim),
-        exact_dtype=mx.bfloat16,  # the synthetic keys are float32; a bf16 model stores bf16
-    )
+def sliding_bytes(config: TextConfig, context: int) -> int:
+    """All sliding layers' bytes at ``context`` tokens (the same for every global setting)."""
+    spec, count = layer_kinds(config)["sliding"]
+    cache = make_layer_cache(config, spec, KVPolicy())
+    # three chunks past the window reach the ring's steady size
+    fill(cache, min(context, config.sliding_window + 4 * PREFILL_CHUNK), spec, PREFILL_CHUNK)
+    return cache.nbytes * count
 
 
-def fill(cache, n_tokens: int, n_kv: int, head_dim: int, chunk: int = 4096, seed: int = 0) -> None:
-    key = mx.random.key(seed)
-    done = cache.offset
-    while done < n_tokens:
-        n = min(chunk, n_tokens - done)
-        key, k1, k2 = mx.random.split(key, 3)
-        keys = mx.random.normal((1, n_kv, n, head_dim), key=k1).astype(mx.bfloat16)
-        values = mx.random.normal((1, n_kv, n, head_dim), key=k2).astype(mx.bfloat16)
-        cache.update_and_fetch(keys, values)
-        mx.eval(cache.state)  # everything the cache holds, whatever its kind
-        done += n
+def variant_rows(variant: str, settings: dict, contexts: list[int]):
+    """Yields each setting's rows (one per context) of one variant, the baseline's first."""
+    config = variant_config(variant)
+    spec, count = layer_kinds(config)["global"]
+    contexts = [c for c in contexts if c <= config.max_position_embeddings]
+    sliding = {c: sliding_bytes(config, c) for c in contexts}
+    base: dict[int, int] = {}  # context -> the baseline's global bytes
+    for name, policy in settings.items():
+        rows = []
+        cache = make_layer_cache(config, spec, policy)
+        t0 = time.perf_counter()
+        for context in contexts:
+            fill(cache, context, spec, FILL_CHUNK)
+            channels = 2 * spec.n_kv_heads * spec.head_dim * context  # K and V, one layer
+            rows.append(
+                {
+                    "variant": variant,
+                    "setting": name,
+                    "context": context,
+                    "global_layers": count,
+                    "global_bytes": cache.nbytes * count,
+                    "sliding_bytes": sliding[context],
+                    "total_bytes": cache.nbytes * count + sliding[context],
+                    "stored_bits_per_channel": cache.nbytes * 8 / channels,
+                }
+            )
+            r = rows[-1]
+            base.setdefault(context, r["global_bytes"])
+            r["ratio_to_bf16_global"] = base[context] / r["global_bytes"]
+            print(
+                f"{variant:8s} {name[:60]:60s} {context // K:4d}K  global "
+                f"{r['global_bytes'] / GiB:7.3f} GiB (+ sliding {r['sliding_bytes'] / GiB:.3f})"
+                f"  {r['stored_bits_per_channel']:6.3f} bits/channel",
+                flush=True,
+            )
+        del cache
+        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        yield rows
 
 
-def sliding_bytes(layout: Layout, context: int) -> int:
-    cache = RotatingKVCache(max_size=layout.window)
-    fill(cache, min(context, layout.window + 1), layout.kv_sliding, layout.head_sliding, chunk=1)
-    return cache.nbytes
-
-
-def memory_table(layouts: list[Layout], contexts: list[int]) -> list[dict]:
-    rows = []
-    for layout in layouts:
-        ctxs = [c for c in contexts if c <= layout.max_context]
-        sliding = sliding_bytes(layout, ctxs[-1]) * layout.sliding_layers
-        for name, policy in settings().items():
-            cache = make_global_cache(policy, layout.head_global)
-            t0 = time.perf_counter()
-            for ctx in ctxs:
-                fill(cache, ctx, layout.kv_global, layout.head_global)
-                per_layer = cache.nbytes
-                global_bytes = per_layer * layout.global_layers
-                channels = 2 * layout.kv_global * layout.head_global * ctx  # K and V
-                rows.append(
-                    {
-                        "variant": layout.name,
-                        "setting": name,
-                        "context": ctx,
-                        "global_bytes": global_bytes,
-                        "sliding_bytes": sliding,
-                        "total_bytes": global_bytes + sliding,
-                        "stored_bits_per_channel": per_layer * 8 / channels,
-                        "describe": policy.describe() if policy else "bf16",
-                    }
-                )
-                print(
-                    f"{layout.name:8s} {name:12s} {ctx // K:4d}K  global {global_bytes / GiB:7.3f} GiB  "
-                    f"(+ sliding {sliding / GiB:.3f})  {per_layer * 8 / channels:6.3f} bits/channel",
-                    flush=True,
-                )
-            del cache
-            print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for row in rows:
-        base = next(
-            r
-            for r in rows
-            if r["variant"] == row["variant"]
-            and r["context"] == row["context"]
-            and r["setting"] == "bf16"
-        )
-        row["ratio_to_bf16_global"] = base["global_bytes"] / row["global_bytes"]
-    return rows
-
-
+# -- peak memory through the model's attention entry ------------------------------------------
 def _peak_growth(fn) -> float:
+    """MiB the process peak rises above what is allocated while ``fn()`` is evaluated."""
     mx.eval(fn())  # warm up (compilation, codebooks)
     mx.synchronize()
     mx.reset_peak_memory()
@@ -169,87 +175,95 @@ def _peak_growth(fn) -> float:
     return (mx.get_peak_memory() - before) / 2**20
 
 
-def _cases(q, kv, q_keys, q_values, keys, values, mask, length) -> dict:
-    """The three attention paths over the same context, as thunks."""
-    affine_mask = None if mask is None else mask[:, :length]
-    return {
-        "turboquant": lambda: tq_attention(q, *kv, scale=1.0),
-        "mlx-lm affine4": lambda: quantized_scaled_dot_product_attention(
-            q, q_keys, q_values, scale=1.0, mask=affine_mask, group_size=64, bits=4
-        ),
-        "fp32 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0),
-    }
+def attention_peak(cache, queries: mx.array, new: mx.array) -> float:
+    """Peak growth (MiB) of the attention of ``queries`` (B, heads, L, D) after appending
+    ``new`` (B, kv heads, L, D) as keys and values, as the model's attention layer does it."""
+    mask = create_attention_mask(queries.swapaxes(1, 2), cache)  # (B, L, ...): its L
+    keys, values = cache.update_and_fetch(new, new)
+    return _peak_growth(lambda: attend(queries, keys, values, scale=1.0, mask=mask, cache=cache))
 
 
-def peak_and_speed(quick: bool) -> list[dict]:
-    n_q, n_kv, hd = 32, 4, 512
+def attention_peaks(settings: dict, contexts: list[int], prefill_contexts: list[int]) -> list:
+    """Peak growth of one decode step and one 512-token prefill chunk at the 31B global layer."""
+    config = variant_config("31B")
+    spec, _ = layer_kinds(config)["global"]
+    n_heads = config.num_attention_heads
     rows = []
-    lengths = [8 * K] if quick else [8 * K, 32 * K, 128 * K]
-    tq = make_global_cache(KVPolicy("turboquant"), hd)  # the default
-    aff = QuantizedKVCache(group_size=64, bits=4)
-    for length in lengths:
-        fill(tq, length, n_kv, hd, seed=1)
-        fill(aff, length, n_kv, hd, seed=1)
-        keys = mx.random.normal((1, n_kv, length, hd)).astype(mx.float32)
-        values = mx.random.normal((1, n_kv, length, hd)).astype(mx.float32)
-        mx.eval(keys, values)
-        kv = tq.update_and_fetch(*(mx.random.normal((1, n_kv, 1, hd)),) * 2)
-        q_keys, q_values = aff.keys, aff.values
-        q_keys = tuple(a[..., : aff.offset, :] for a in q_keys)
-        q_values = tuple(a[..., : aff.offset, :] for a in q_values)
-        for L in (1, 512) if length <= 32 * K else (1,):
-            q = mx.random.normal((1, n_q, L, hd))
-            mask = None if L == 1 else mx.ones((L, length + 1), dtype=mx.bool_)
-            cases = _cases(q, kv, q_keys, q_values, keys, values, mask, length)
-            for name, fn in cases.items():
-                if L > 1 and length > 32 * K and name != "turboquant":
-                    continue
-                growth = _peak_growth(fn)
-                times = []
-                for _ in range(3 if L == 1 else 1):
-                    t0 = time.perf_counter()
-                    mx.eval(fn())
-                    times.append(time.perf_counter() - t0)
+    for name, policy in settings.items():
+        cache = make_layer_cache(config, spec, policy)
+        for context in contexts:
+            fill(cache, context, spec, FILL_CHUNK, seed=1, dtype=mx.float32)
+            prefill = context in prefill_contexts and (
+                policy.kind != "affine" or context <= AFFINE_PREFILL_MAX
+            )
+            for L in (1, PREFILL_CHUNK) if prefill else (1,):
+                queries = mx.random.normal((1, n_heads, L, spec.head_dim))  # float32
+                new = mx.random.normal((1, spec.n_kv_heads, L, spec.head_dim))
+                cached = cache.offset
+                growth = attention_peak(cache, queries, new)
                 rows.append(
                     {
-                        "context": length,
+                        "setting": name,
+                        "context": context,
+                        "cached_tokens": cached,
                         "query_tokens": L,
-                        "method": name,
                         "peak_growth_mib": growth,
-                        "seconds": min(times),
                     }
                 )
                 print(
-                    f"{length // K:4d}K q={L:3d} {name:15s} peak growth {growth:8.1f} MiB  "
-                    f"{min(times) * 1e3:8.1f} ms",
+                    f"peak {name[:50]:50s} {context // K:4d}K q={L:3d}: {growth:8.1f} MiB",
                     flush=True,
                 )
-        del keys, values
-    for row in rows:
-        base = next(
-            (
-                r
-                for r in rows
-                if r["context"] == row["context"]
-                and r["query_tokens"] == row["query_tokens"]
-                and r["method"] == "fp32 sdpa"
-            ),
-            None,
-        )
-        row["time_ratio_to_sdpa"] = row["seconds"] / base["seconds"] if base else None
+        del cache
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def checks(rows: list[dict], peaks: list[dict]) -> list[dict]:
+    """The README's claims, checked on this run's numbers."""
+    default = setting_name(default_policy())
+    out = []
+    for r in rows:
+        if r["setting"] != default:
+            continue
+        if r["variant"] == "31B" and r["context"] == 256 * K:
+            out.append(
+                {
+                    "check": "31B@256K TurboQuant default global KV <= 4.5 GiB",
+                    "value_gib": r["global_bytes"] / GiB,
+                    "ok": r["global_bytes"] <= 4.5 * GiB,
+                }
+            )
+        if r["context"] >= 128 * K:
+            out.append(
+                {
+                    "check": f"{r['variant']}@{r['context'] // K}K TurboQuant default <= 1/4.4 "
+                    "of bf16 (global)",
+                    "ratio": r["ratio_to_bf16_global"],
+                    "ok": r["ratio_to_bf16_global"] >= 4.4,
+                }
+            )
+    for p in peaks:
+        if p["setting"] == default:
+            out.append(
+                {
+                    "check": f"TurboQuant peak growth < 256 MiB at {p['context'] // K}K, "
+                    f"q={p['query_tokens']}",
+                    "value_mib": p["peak_growth_mib"],
+                    "ok": p["peak_growth_mib"] < 256,
+                }
+            )
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    variants = [v.name for v in LAYOUTS if any(r["variant"] == v.name for r in rows)]
+def plot(rows: list[dict], settings: dict):
+    """Whole-model KV (GiB) against context, one panel per variant."""
+    from gemma4_mlx.bench.common import pyplot
+
+    plt = pyplot()
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.8), squeeze=False)
     for ax, variant in zip(axes[0], variants):
-        for setting in settings():
+        for setting in settings:
             pts = [
                 (r["context"] // K, r["total_bytes"] / GiB)
                 for r in rows
@@ -257,7 +271,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ]
             if pts:
                 x, y = zip(*pts)
-                ax.plot(x, y, "o-", label=setting)
+                label = _alias_names().get(setting, setting)
+                ax.plot(x, y, "o-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{variant}: whole-model KV")
         ax.set_xlabel("context (K tokens)")
@@ -265,61 +280,62 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _alias_names() -> dict[str, str]:
+    """{result name: alias} (the plot's short labels)."""
+    return {setting_name(p, BASELINE): a for a, p in ALIASES.items()}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap = BenchParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="E2B at 8K, decode peak at 8K (CI)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=", ".join(VARIANTS))
+    ap.add_argument("--contexts", type=positive_ints, default=",".join(map(str, CONTEXTS)))
+    ap.add_argument("--settings", default="all", help=settings_help(ALIASES, "all"))
+    ap.add_argument("--no-peak", action="store_true", help="skip part 2 (peak memory)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    layouts = LAYOUTS[:1] if args.quick else LAYOUTS
-    contexts = CONTEXTS[:1] if args.quick else CONTEXTS
-    rows = memory_table(layouts, contexts)
-    peaks = peak_and_speed(args.quick)
-    checks = []
-    default = f"tq{DEFAULT_BITS:g}"
-    for r in rows:
-        if r["variant"] == "31B" and r["context"] == 256 * K and r["setting"] == default:
-            checks += [
-                {
-                    "check": "31B@256K TurboQuant default global KV <= 4.5 GiB",
-                    "value_gib": r["global_bytes"] / GiB,
-                    "ok": r["global_bytes"] <= 4.5 * GiB,
-                },
-                {
-                    "check": "31B@256K TurboQuant default whole-model KV <= 5.3 GiB",
-                    "value_gib": r["total_bytes"] / GiB,
-                    "ok": r["total_bytes"] <= 5.3 * GiB,
-                },
-            ]
-        if r["setting"] == default and r["context"] >= 128 * K:
-            checks.append(
-                {
-                    "check": f"{r['variant']}@{r['context'] // K}K TurboQuant default <= 1/4.4 of bf16 (global)",
-                    "ratio": r["ratio_to_bf16_global"],
-                    "ok": r["ratio_to_bf16_global"] >= 4.4,
-                }
-            )
-    for p in peaks:
-        if p["method"] == "turboquant":
-            checks.append(
-                {
-                    "check": f"TurboQuant peak growth < 256 MiB at {p['context'] // K}K, q={p['query_tokens']}",
-                    "value_mib": p["peak_growth_mib"],
-                    "ok": p["peak_growth_mib"] < 256,
-                }
-            )
-    for c in checks:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]  # in this order
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(
+            f"argument --variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}"
+        )
+    variants = variants[:1] if args.quick else variants
+    contexts = [8 * K] if args.quick else sorted(args.contexts)
+    settings = choose(ALIASES, args.settings, baseline=BASELINE)
+    name = result_name("memory", args.quick)
+    peak_contexts = [8 * K] if args.quick else [8 * K, 32 * K, 128 * K]
+
+    rows: list[dict] = []
+    peaks: list[dict] = []
+
+    def write() -> None:
+        payload = {
+            "settings": describe(settings, "bfloat16"),
+            "default": setting_name(default_policy()),
+            "variants": variants,
+            "contexts": contexts,
+            "memory": rows,
+            "attention_peak": peaks,
+            "checks": checks(rows, peaks),
+        }
+        write_results(args.out, name, payload, lambda: plot(rows, settings))
+
+    for variant in variants:
+        for got in variant_rows(variant, settings, contexts):
+            rows.extend(got)
+            write()
+    if not args.no_peak:
+        prefill_contexts = [] if args.quick else [8 * K, 32 * K]
+        peaks += attention_peaks(PEAK_SETTINGS, peak_contexts, prefill_contexts)
+        write()
+    for c in checks(rows, peaks):
         print(("PASS " if c["ok"] else "FAIL ") + c["check"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "memory_quick" if args.quick else "memory"
-    (args.out / f"{name}.json").write_text(
-        json.dumps({"memory": rows, "attention": peaks, "checks": checks}, indent=1)
-    )
-    plot(rows, args.out / f"{name}.png")
     print(f"wrote {args.out / name}.json and .png")
 
 

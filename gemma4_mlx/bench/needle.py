@@ -27,27 +27,38 @@ exact tokens (sink and recent window) are stored as bfloat16 as on a Mac.
     python benchmarks/needle.py                  # fp32 + default TurboQuant, 1K-16K (31 min here
                                                  # while two other benchmarks shared the CPU)
     python benchmarks/needle.py --settings all   # + TurboQuant w0, plain, affine 4 (much longer)
+    python benchmarks/needle.py --settings 'tq;turboquant:k4,v2,window=64'   # any text form
     python benchmarks/needle.py --long           # adds 32K tokens (1 seed; ~35 min more here)
     python benchmarks/needle.py --quick          # 1K tokens, 2 depths, 1 seed, 2 settings (~20 s)
     (also: gemma4-mlx bench needle [options])
 Seeds per length (default 3 at 1K, 1 at 4K, 8K and 16K: what fits in 30 minutes on a 2-core
 CPU, where one 16K seed alone takes ~13 of them) can be set with --seeds. Results (JSON, PNG)
-are rewritten after each seed of each setting, so a stopped run keeps what it measured.
+are rewritten after each depth (all settings run in lockstep, the same chunks as float32), so a
+stopped run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
 from gemma4_mlx.bench import BenchParser, fractions, positive_ints
-from gemma4_mlx.bench.common import choose, corpus_text, default_policy, tq_policy, write_json
+from gemma4_mlx.bench.common import (
+    Lockstep,
+    choose,
+    corpus_text,
+    default_policy,
+    describe,
+    greedy,
+    pyplot,
+    result_name,
+    settings_help,
+    tq_policy,
+    write_results,
+)
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
@@ -66,7 +77,7 @@ QUESTION = "\n\nNow, what was the pass key? Answer: The pass key is"
 
 # command-line aliases of the settings (result names: common.setting_name)
 ALIASES = {
-    "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
+    "fp32": KVPolicy(),  # the exact cache in the model dtype (float32 here)
     "tq": default_policy(),
     "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
     "tq-k4": tq_policy(4, 2),
@@ -118,58 +129,49 @@ class Prompts:
         return (self.head + self.hay[: max(0, n - len(self.head))])[:n]
 
 
-def _prefill(model, cache: list, tokens: list[int]) -> None:
-    """``tokens`` in CHUNK-token chunks, evaluating only the cache state (as generate does: no
-    logits are computed for these positions)."""
-    for i in range(0, len(tokens), CHUNK):
-        model(mx.array([tokens[i : i + CHUNK]]), cache=cache)
-        mx.eval([c.state for c in cache])
-
-
 def _answer(model, tokenizer, cache: list, last: int, key: int) -> str:
     """Greedy tokens after the prompt's ``last`` token: up to ANSWER_TOKENS, stopping early at
     EOS or once the key is there."""
-    out: list[int] = []
-    token = last
-    for _ in range(ANSWER_TOKENS):
-        logits = model(mx.array([[token]]), cache=cache)
-        token = int(mx.argmax(logits[0, -1]).item())
-        if token in tokenizer.eos_token_ids:
-            break
-        out.append(token)
-        if str(key) in tokenizer.decode(out):
-            break
-    return tokenizer.decode(out)
+    eos = set(tokenizer.eos_token_ids)
+    out = greedy(
+        model,
+        cache,
+        last,
+        ANSWER_TOKENS,
+        stop=lambda ids: ids[-1] in eos or str(key) in tokenizer.decode(ids),
+    )
+    return tokenizer.decode([t for t in out if t not in eos])
 
 
-def run_seed(model, tokenizer, policy: KVPolicy, prompts: Prompts, length: int, depths) -> list:
-    """Every depth of one (length, seed) for one setting: the trunk is fed in whole chunks up to
-    each needle's chunk boundary, and each depth finishes its prompt on a deep copy."""
-    trunk = model.make_cache(policy)
-    done = 0
-    rows = []
+def run_seed(model, tokenizer, policies: dict, prompts: Prompts, length: int, depths, on_rows):
+    """Every depth of one (length, seed), all settings in lockstep: the trunk caches are fed in
+    whole chunks up to each needle's chunk boundary, and each depth finishes its prompt on a
+    branch (deep copies); ``on_rows(rows)`` gets each depth's trials (one per setting)."""
+    trunk = Lockstep(model, policies)
     for depth in sorted(depths):
         at = prompts.needle_at(length, depth)
         boundary = at // CHUNK * CHUNK
-        if boundary > done:
-            _prefill(model, trunk, prompts.prefix(boundary)[done:])
-            done = boundary
+        if boundary > trunk.fed:
+            trunk.run(prompts.prefix(boundary)[trunk.fed :], CHUNK, logits=False)
         ids = prompts.prompt(length, depth)
-        assert ids[:done] == prompts.prefix(done)  # what the trunk holds
-        branch = copy.deepcopy(trunk)
-        _prefill(model, branch, ids[done:-1])
-        text = _answer(model, tokenizer, branch, ids[-1], prompts.key)
-        rows.append(
-            {
-                "length": length,
-                "depth": depth,
-                "needle_position": at,
-                "key": prompts.key,
-                "answer": text,
-                "correct": str(prompts.key) in text,
-            }
-        )
-    return rows
+        assert ids[: trunk.fed] == prompts.prefix(trunk.fed)  # what the trunk holds
+        branch = trunk.branch()
+        branch.run(ids[branch.fed : -1], CHUNK, logits=False)  # chunks of a fresh prefill
+        rows = []
+        for setting, cache in branch.caches.items():
+            text = _answer(model, tokenizer, cache, ids[-1], prompts.key)
+            rows.append(
+                {
+                    "setting": setting,
+                    "length": length,
+                    "depth": depth,
+                    "needle_position": at,
+                    "key": prompts.key,
+                    "answer": text,
+                    "correct": str(prompts.key) in text,
+                }
+            )
+        on_rows(rows)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument(
         "--settings",
         default="default",
-        help="default | all | comma-separated: fp32, tq, tq-t0, tq-k4, tq-w0, tq-plain, affine4",
+        help="default (fp32, tq) | " + settings_help(ALIASES, "default"),
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     depths = (0.0, 1.0) if args.quick else tuple(args.depths)
     seeds = {n: 1 if args.quick else (args.seeds or SEEDS.get(n, 1)) for n in lengths}
     policies = settings("default" if args.quick else args.settings)
-    name = "needle_quick" if args.quick else "needle"
+    name = result_name("needle", args.quick)
 
     model, tokenizer = load(args.model, dtype="float32")
     corpus = tokenizer.encode(corpus_text(), add_special_tokens=False)
@@ -208,45 +210,44 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     )
     rows: list[dict] = []
     t0 = time.perf_counter()
+
+    def on_rows(got: list[dict], seed: int) -> None:
+        rows.extend({"seed": seed, **r} for r in got)
+        for r in got:
+            mark = "ok" if r["correct"] else repr(r["answer"].strip()[:12])
+            print(
+                f"{r['length']:6d} tokens  seed {seed}  depth {r['depth']:4g}  "
+                f"{r['setting'][:40]:40s} {mark}  (total {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+        payload = {
+            "model": args.model,
+            "prompt": {"intro": INTRO, "needle": NEEDLE, "question": QUESTION},
+            "chunk": CHUNK,
+            "answer_tokens": ANSWER_TOKENS,
+            "lengths": lengths,
+            "depths": list(depths),
+            "seeds": {str(n): s for n, s in seeds.items()},
+            "settings": describe(policies),
+            "seconds": time.perf_counter() - t0,
+            "summary": summarize(rows, policies),
+            "trials": rows,
+        }
+        write_results(args.out, name, payload, lambda: plot(payload["summary"], rows))
+
     for length in lengths:
         for seed in range(seeds[length]):
-            for setting, policy in policies.items():
-                t = time.perf_counter()
-                got = run_seed(model, tokenizer, policy, prompts[seed], length, depths)
-                rows += [{"setting": setting, "seed": seed, **r} for r in got]
-                marks = " ".join(
-                    f"{r['depth']:g}:{'ok' if r['correct'] else repr(r['answer'].strip()[:12])}"
-                    for r in got
-                )
-                print(
-                    f"{length:6d} tokens  seed {seed}  {setting:30s} {marks}"
-                    f"  ({time.perf_counter() - t:.0f} s, total {time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
-                write(args, name, rows, policies, lengths, depths, seeds, t0)
+            run_seed(
+                model,
+                tokenizer,
+                policies,
+                prompts[seed],
+                length,
+                depths,
+                lambda got, seed=seed: on_rows(got, seed),
+            )
     print_table(summarize(rows, policies))
     print(f"wrote {args.out / name}.json and .png")
-
-
-def write(args, name, rows, policies, lengths, depths, seeds, t0) -> None:
-    summary = summarize(rows, policies)
-    payload = {
-        "model": args.model,
-        "prompt": {"intro": INTRO, "needle": NEEDLE, "question": QUESTION},
-        "chunk": CHUNK,
-        "answer_tokens": ANSWER_TOKENS,
-        "lengths": lengths,
-        "depths": list(depths),
-        "seeds": {str(n): s for n, s in seeds.items()},
-        "settings": {
-            n: "float32 (model dtype)" if n == "fp32" else p.describe() for n, p in policies.items()
-        },
-        "seconds": time.perf_counter() - t0,
-        "summary": summary,
-        "trials": rows,
-    }
-    write_json(args.out, name, payload)
-    plot(summary, rows, args.out / f"{name}.png")
 
 
 def summarize(rows: list[dict], policies: dict) -> dict:
@@ -283,13 +284,10 @@ def print_table(summary: dict) -> None:
         print(f"{setting:32s}" + "".join(f"{c:>14s}" for c in cells))
 
 
-def plot(summary: dict, rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(summary: dict, rows: list[dict]):
     import numpy as np
 
+    plt = pyplot()
     names = list(summary)
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(5 + 3.2 * len(names), 3.8), squeeze=False)
     ax = axes[0, 0]
@@ -323,8 +321,7 @@ def plot(summary: dict, rows: list[dict], path: Path) -> None:
         ax.set_ylabel("needle depth")
         ax.set_title(setting, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

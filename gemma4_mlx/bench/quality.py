@@ -17,12 +17,13 @@ in decode, the 256-token chunks give the numbers token-by-token decoding would.
     python benchmarks/quality.py --quick  # 512 tokens, 3 settings, for CI
     (also: gemma4-mlx bench quality [options])
 Results are written after each length, so a long run that is stopped keeps what it measured.
+Settings: ``--settings`` takes aliases (fp32, affine8, affine4, tq, tq-t0) or any KV policy
+text form, in place of the mode's list.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -32,34 +33,51 @@ import mlx.core as mx
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
 from gemma4_mlx.bench import BenchParser, positive_ints
 from gemma4_mlx.bench.common import (
+    Lockstep,
     accumulate,
     choose,
     corpus_text,
     default_policy,
+    describe,
     global_bits,
     named,
+    pyplot,
+    result_name,
     setting_name,
+    settings_help,
     tq_policy,
+    write_results,
 )
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
 CHUNK = 256
+# command-line aliases (--settings; any KV policy text form is taken too)
+ALIASES = {
+    "fp32": KVPolicy(),  # the exact cache in the model dtype (float32 here)
+    "affine8": KVPolicy("affine", bits=8),
+    "affine4": KVPolicy("affine", bits=4),
+    "tq": default_policy(),
+    "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
+}
 
 
 def settings(quick: bool | None) -> dict[str, KVPolicy]:
-    """KV settings compared with the float32 cache (names: ``common.setting_name``)."""
+    """Each mode's KV settings, the float32 cache (the baseline) first (names:
+    ``common.setting_name``). ``quick`` None: the long-context run."""
     affine4 = KVPolicy("affine", bits=4)
     if quick:
-        return named(affine4, default_policy(), tq_policy(4, 2, codec="prod"))
+        return named(KVPolicy(), affine4, default_policy(), tq_policy(4, 2, codec="prod"))
     if quick is None:  # the long-context run: the default against its baselines
         return named(
+            KVPolicy(),
             affine4,
             default_policy(),
             tq_policy(3.5, 2, tiers=4),
             tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
         )
     return named(
+        KVPolicy(),
         KVPolicy("affine", bits=8),
         affine4,
         tq_policy(5, 3),
@@ -95,87 +113,72 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument(
         "--settings",
         default=None,
-        help="comma- or ;-separated KV policy text forms or aliases (affine4, affine8, tq), in"
-        " place of the mode's list (fp32 always runs as the baseline)",
+        help=settings_help(ALIASES, "the mode's list") + " (fp32 always runs as the baseline)",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    lengths = [512] if args.quick else args.lengths
+    lengths = [512] if args.quick else sorted(args.lengths)
     if any(n % CHUNK for n in lengths):
         ap.error(
             f"argument --lengths: expected multiples of {CHUNK} (the chunk size), got {lengths}"
         )
     if args.long:
         lengths = [1024, 4096, 16384]
+    if args.settings is not None:
+        policies = choose(ALIASES, args.settings)
+    else:
+        policies = settings(None if args.long else args.quick)
+    name = result_name("quality_long" if args.long else "quality", args.quick)
     model, tokenizer = load(args.model, dtype="float32")
     tokens = tokenizer.encode(corpus_text())[: max(lengths) + 1]
     if len(tokens) < max(lengths) + 1:
         raise SystemExit(f"corpus has only {len(tokens)} tokens")
-    policies = settings(None if args.long else args.quick)
-    if args.settings is not None:
-        aliases = {
-            "fp32": KVPolicy("exact"),
-            "affine4": KVPolicy("affine", bits=4),
-            "affine8": KVPolicy("affine", bits=8),
-            "tq": default_policy(),
-        }
-        policies = choose(aliases, args.settings)
-        policies.pop("fp32")
-    caches = {"fp32": model.make_cache(KVPolicy("fp16"))} | {
-        n: model.make_cache(p) for n, p in policies.items()
-    }
-    sums = {n: {"nll": 0.0, "kl": 0.0, "top1": 0} for n in caches}
-    results: dict[str, dict] = {n: {} for n in caches}
+
+    lock = Lockstep(model, policies)
+    sums = {n: {"nll": 0.0, "kl": 0.0, "top1": 0} for n in policies}
+    results: dict[str, dict] = {n: {} for n in policies}
+    reference = {}  # the baseline's logits of the current chunk
     t0 = time.perf_counter()
-    done = 0
-    while done < max(lengths):
-        n = min(CHUNK, max(lengths) - done)
-        x = mx.array([tokens[done : done + n]])
-        y = mx.array(tokens[done + 1 : done + n + 1])
-        ref = model(x, cache=caches["fp32"])[0]
-        for name, cache in caches.items():
-            logits = ref if name == "fp32" else model(x, cache=cache)[0]
-            accumulate(sums[name], logits, ref, y)
-        done += n
-        if done in lengths:
-            for name, cache in caches.items():
-                s = sums[name]
-                results[name][done] = {
-                    "perplexity": math.exp(s["nll"] / done),
-                    "kl": s["kl"] / done,
-                    "top1": s["top1"] / done,
-                    "global_bits_per_channel": global_bits(model, cache, done),
-                }
-            print(f"--- {done} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
-            base = results["fp32"][done]["perplexity"]
-            for name in caches:
-                r = results[name][done]
-                r["perplexity_change"] = r["perplexity"] / base - 1
-                print(
-                    f"{name:36s} ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%)  KL {r['kl']:.4f}"
-                    f"  top-1 {100 * r['top1']:5.1f}%  bits/ch {r['global_bits_per_channel']:.2f}",
-                    flush=True,
-                )
-            write(args, results, lengths, policies, time.perf_counter() - t0)
 
+    def each(start: int, end: int, setting: str, logits: mx.array) -> None:
+        if setting == "fp32":
+            reference["logits"] = logits
+        targets = mx.array(tokens[start + 1 : end + 1])
+        accumulate(sums[setting], logits, reference["logits"], targets)
 
-def write(args, results: dict, lengths: list[int], policies: dict, seconds: float) -> None:
-    """Results so far (called after each length, so a stopped long run keeps what it measured)."""
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "quality_quick" if args.quick else ("quality_long" if args.long else "quality")
-    done = [n for n in lengths if n in results["fp32"]]
-    payload = {
-        "model": args.model,
-        "chunk": CHUNK,
-        "lengths": done,
-        "seconds": seconds,
-        "settings": {"fp32": "float32", **{n: p.describe() for n, p in policies.items()}},
-        "default": setting_name(default_policy()),
-        "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
-    }
-    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1))
-    plot(results, done, args.out / f"{name}.png")
-    print(f"wrote {args.out / name}.json and .png", flush=True)
+    def on_stop(done: int) -> None:
+        for setting, cache in lock.caches.items():
+            s = sums[setting]
+            results[setting][done] = {
+                "perplexity": math.exp(s["nll"] / done),
+                "kl": s["kl"] / done,
+                "top1": s["top1"] / done,
+                "global_bits_per_channel": global_bits(model, cache, done),
+            }
+        print(f"--- {done} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
+        base = results["fp32"][done]["perplexity"]
+        for setting in policies:
+            r = results[setting][done]
+            r["perplexity_change"] = r["perplexity"] / base - 1
+            print(
+                f"{setting:36s} ppl {r['perplexity']:8.3f} ({100 * r['perplexity_change']:+6.2f}%)"
+                f"  KL {r['kl']:.4f}  top-1 {100 * r['top1']:5.1f}%"
+                f"  bits/ch {r['global_bits_per_channel']:.2f}",
+                flush=True,
+            )
+        payload = {
+            "model": args.model,
+            "chunk": CHUNK,
+            "lengths": [n for n in lengths if n in results["fp32"]],
+            "seconds": time.perf_counter() - t0,
+            "settings": describe(policies),
+            "default": setting_name(default_policy()),
+            "results": {n: {str(k): v for k, v in r.items()} for n, r in results.items()},
+        }
+        write_results(args.out, name, payload, lambda: plot(results, payload["lengths"]))
+        print(f"wrote {args.out / name}.json and .png", flush=True)
+
+    lock.run(tokens[: max(lengths)], CHUNK, lengths, each, on_stop)
 
 
 def _method(name: str) -> tuple[str, str]:
@@ -190,13 +193,9 @@ def _method(name: str) -> tuple[str, str]:
     return f"tq {rest}", label + (" (default)" if name == setting_name(default_policy()) else "")
 
 
-def plot(results: dict, lengths: list[int], path: Path) -> None:
+def plot(results: dict, lengths: list[int]):
     """KL and top-1 agreement against stored bits at the longest length: one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     length = max(lengths)
     methods: dict[str, list] = {}
@@ -225,7 +224,7 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ ratios, differ.
 
     python benchmarks/speed.py           # 6 settings, 1K/4K/16K (~22 min here)
     python benchmarks/speed.py --quick   # 512 tokens, 3 settings, 4 decode steps (~10 s)
+    python benchmarks/speed.py --settings 'tq;turboquant:k4,v2'   # aliases or any text form
     (also: gemma4-mlx bench speed [options])
 Results (JSON, PNG) are rewritten at each checkpoint, so a stopped run keeps what it measured.
 """
@@ -38,14 +39,27 @@ from mlx.utils import tree_flatten
 
 from gemma4_mlx.bench import DEFAULT_OUT as OUT
 from gemma4_mlx.bench import BenchParser, positive_ints
-from gemma4_mlx.bench.common import choose, corpus_text, default_policy, tq_policy, write_json
+from gemma4_mlx.bench.common import (
+    Lockstep,
+    cache_bytes,
+    choose,
+    corpus_text,
+    default_policy,
+    describe,
+    greedy,
+    pyplot,
+    result_name,
+    settings_help,
+    tq_policy,
+    write_results,
+)
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.loading import load
 
 CHUNK = 512  # prefill step, as generate's
 # command-line aliases of the settings (result names: common.setting_name)
 ALIASES = {
-    "fp32": KVPolicy("fp16"),  # the exact cache in the model dtype (float32 here)
+    "fp32": KVPolicy(),  # the exact cache in the model dtype (float32 here)
     "affine8": KVPolicy("affine", bits=8),
     "affine4": KVPolicy("affine", bits=4),
     "tq4": tq_policy(5, 3),
@@ -55,26 +69,10 @@ ALIASES = {
 }
 
 
-def settings(names: str) -> dict[str, KVPolicy]:
-    """``all``, or comma-separated aliases (fp32, affine8, affine4, tq4, tq, tq-t0, tq-w0) or result
-    names; fp32 (the baseline of the ratios) always comes first."""
-    return choose(ALIASES, names)
+class Meter:
+    """One setting's prefill time and peak memory."""
 
-
-def _bytes(model, cache: list) -> tuple[int, int]:
-    """(all layers, global layers) cache bytes (mlx-lm's QuantizedKVCache cannot count itself
-    while empty: it holds nothing then)."""
-    sizes = [0 if c.empty() else c.nbytes for c in cache]
-    specs = [s for s in model.config.layers if not s.is_kv_shared]
-    return sum(sizes), sum(n for s, n in zip(specs, sizes) if not s.is_sliding)
-
-
-class Run:
-    """One setting's cache, timers and peak memory."""
-
-    def __init__(self, model, policy: KVPolicy):
-        self.model = model
-        self.cache = model.make_cache(policy)
+    def __init__(self):
         self.prefill_s = 0.0
         self.peak = 0
 
@@ -89,36 +87,6 @@ class Run:
         self.peak = max(self.peak, mx.get_peak_memory() - others)
         return seconds, out
 
-    def prefill(self, tokens: list[int], others: int) -> None:
-        def step():
-            self.model(mx.array([tokens]), cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-
-        self.prefill_s += self.timed(others, step)[0]
-
-    def decode(self, first: int, steps: int, others: int) -> float:
-        """Greedy steps from token ``first``: one warm-up step, then ``steps`` timed steps."""
-
-        def one(token: mx.array) -> mx.array:
-            logits = self.model(token.reshape(1, 1), cache=self.cache)
-            token = mx.argmax(logits[0, -1])
-            mx.eval(token)
-            return token
-
-        token = self.timed(others, lambda: one(mx.array(first)))[1]
-
-        def timed_steps():
-            t = token
-            for _ in range(steps):
-                t = one(t)
-
-        return steps / self.timed(others, timed_steps)[0]
-
-
-def others(model, runs: dict, name: str) -> int:
-    """Bytes of the other settings' caches (resident while ``name`` runs)."""
-    return sum(_bytes(model, r.cache)[0] for n, r in runs.items() if n != name)
-
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap = BenchParser(
@@ -128,52 +96,62 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--lengths", type=positive_ints, default="1024,4096,16384")
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument(
-        "--settings",
-        default="all",
-        help="all | comma-separated: affine8, affine4, tq4, tq, tq-t0, tq-w0",
-    )
+    ap.add_argument("--settings", default="all", help=settings_help(ALIASES, "all"))
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     lengths = [512] if args.quick else sorted(args.lengths)
     steps = 4 if args.quick else args.decode_steps
-    policies = settings("affine4,tq" if args.quick else args.settings)
-    name = "speed_quick" if args.quick else "speed"
+    policies = choose(ALIASES, "affine4,tq" if args.quick else args.settings)
+    name = result_name("speed", args.quick)
 
     model, tokenizer = load(args.model, dtype="float32")
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     tokens = tokenizer.encode(corpus_text())
     if len(tokens) < max(lengths) + 1:
         raise SystemExit(f"error: the corpus has only {len(tokens)} tokens")
-    runs = {n: Run(model, p) for n, p in policies.items()}
-    results: dict[str, dict] = {n: {} for n in runs}
+    lock = Lockstep(model, policies)
+    meters = {n: Meter() for n in policies}
+    results: dict[str, dict] = {n: {} for n in policies}
     t0 = time.perf_counter()
-    fed = 0  # prompt tokens in every cache (the decoded tokens come on top)
+
+    def others(setting: str) -> int:
+        """Bytes of the other settings' caches (resident while ``setting`` runs)."""
+        return sum(cache_bytes(model, c)[0] for n, c in lock.caches.items() if n != setting)
+
+    def prefill_step(setting: str, forward):
+        seconds, out = meters[setting].timed(others(setting), forward)
+        meters[setting].prefill_s += seconds
+        return out
+
+    def decode(setting: str, first: int) -> float:
+        """Greedy steps from token ``first``: one warm-up step, then ``steps`` timed ones."""
+        cache, meter = lock.caches[setting], meters[setting]
+        warm = meter.timed(others(setting), lambda: greedy(model, cache, first, 1))[1]
+        seconds = meter.timed(others(setting), lambda: greedy(model, cache, warm[0], steps))[0]
+        return steps / seconds
+
     for length in lengths:
-        while fed < length:
-            chunk = tokens[fed : min(fed + CHUNK, length)]
-            for n, run in runs.items():
-                run.prefill(chunk, others(model, runs, n))
-            fed += len(chunk)
-        for n, run in runs.items():
-            context = run.cache[-1].offset
-            decode_tps = run.decode(tokens[fed], steps, others(model, runs, n))
-            total, global_ = _bytes(model, run.cache)
+        # the prompt tokens so far are in every cache (the decoded tokens come on top)
+        lock.run(tokens[lock.fed : length], CHUNK, logits=False, step=prefill_step)
+        for n, cache in lock.caches.items():
+            context = cache[-1].offset
+            decode_tps = decode(n, tokens[length])
+            total, global_ = cache_bytes(model, cache)
             results[n][str(length)] = {
                 "context_tokens": context,
-                "prompt_tps": length / run.prefill_s,
+                "prompt_tps": length / meters[n].prefill_s,
                 "decode_tps": decode_tps,
-                "peak_memory_bytes": run.peak,
+                "peak_memory_bytes": meters[n].peak,
                 "cache_bytes": total,
                 "global_cache_bytes": global_,
             }
         base = results["fp32"][str(length)]
-        for n in runs:
+        for n in policies:
             r = results[n][str(length)]
             r["prompt_ratio"] = r["prompt_tps"] / base["prompt_tps"]
             r["decode_ratio"] = r["decode_tps"] / base["decode_tps"]
         print(f"--- {length} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for n in runs:
+        for n in policies:
             r = results[n][str(length)]
             print(
                 f"{n:30s} prompt {r['prompt_tps']:6.1f} tok/s ({r['prompt_ratio']:.2f}x)  "
@@ -189,24 +167,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             "decode_steps": steps,
             "lengths": [n for n in lengths if str(n) in results["fp32"]],
             "weights_bytes": weights,
-            "settings": {
-                n: "float32 (model dtype)" if n == "fp32" else p.describe()
-                for n, p in policies.items()
-            },
+            "settings": describe(policies),
             "seconds": time.perf_counter() - t0,
             "results": results,
         }
-        write_json(args.out, name, payload)
-        plot(results, args.out / f"{name}.png")
+        write_results(args.out, name, payload, lambda: plot(results))
     print(f"wrote {args.out / name}.json and .png")
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for setting, rows in results.items():
         xs = sorted(int(n) for n in rows)
@@ -221,8 +191,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

@@ -55,9 +55,14 @@ class SlidingKVCache:
 
     def _make_room(self, keys: mx.array, values: mx.array) -> None:
         """Move the tokens still needed (window - 1 + max_rewind) to the front of a buffer with
-        room for this call's tokens and ``step`` more."""
+        room for this call's tokens, and ``step`` more after a short call (decode steps and
+        speculative verifications: the copy of the kept tokens is then paid once per ``step``
+        tokens). A prompt chunk of ``step`` tokens or more gets no slack: the next chunk moves
+        the kept tokens anyway, and the buffer stays window - 1 + max_rewind + chunk, not
+        rounded up (it was up to 3x the window at 512-token chunks)."""
         keep = min(self.used, self.window - 1 + self.max_rewind)
-        capacity = -(-(keep + keys.shape[2] + self.step) // self.step) * self.step
+        L = keys.shape[2]
+        capacity = keep + L + (self.step if L < self.step else 0)
         buffers = []
         for old, new in ((self.keys, keys), (self.values, values)):
             fresh = mx.zeros((*new.shape[:2], capacity - keep, new.shape[3]), new.dtype)

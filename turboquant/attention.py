@@ -146,18 +146,18 @@ def _compressed_block(s: Softmax, qs: _Queries, q_rot, keys, values, means, star
     return s._replace(acc_rot=acc)
 
 
-def _attend_compressed(s: Softmax, qs: _Queries, keys: StreamView, values: StreamView) -> Softmax:
-    """Every compressed token some query reads, in blocks of bounded size."""
+def _compressed_reads(qs: _Queries, keys: StreamView, values: StreamView):
+    """(first, end, rotated queries, rotated means or None): the stored compressed tokens
+    [first, end) that some query of this call reads, or None when none does."""
     layout, offset, n_sink = keys.layout, keys.offset, keys.n_sink
     if offset - 1 < layout.sink + layout.center:
-        return s  # no query reads anything compressed yet
+        return None  # no query reads anything compressed yet
     end = min(keys.n_quantized, offset - 1 - layout.fp_window)  # the newest query's reads
-    L = qs.pos.shape[0]
     first = n_sink
     if qs.sliding_window is not None:
-        first = max(n_sink, offset - L - qs.sliding_window + 1)
+        first = max(n_sink, offset - qs.pos.shape[0] - qs.sliding_window + 1)
     if end <= first:
-        return s
+        return None
     q_rot = rotate(keys.to_code_order(qs.q), keys.spec)  # key tiers: each head's order first
     means = None
     if keys.means is not None:  # compressed tokens were centred: their means, rotated
@@ -165,6 +165,16 @@ def _attend_compressed(s: Softmax, qs: _Queries, keys: StreamView, values: Strea
             rotate(keys.to_code_order(keys.means), keys.spec),
             rotate(values.to_code_order(values.means), values.spec),
         )
+    return first, end, q_rot, means
+
+
+def _attend_compressed(s: Softmax, qs: _Queries, keys: StreamView, values: StreamView) -> Softmax:
+    """Every compressed token some query reads, in blocks of bounded size."""
+    reads = _compressed_reads(qs, keys, values)
+    if reads is None:
+        return s
+    first, end, q_rot, means = reads
+    n_sink = keys.n_sink
     B, n_kv, rows, D = qs.q.shape
     step = _block_tokens(rows * B * n_kv, B * n_kv, D)
     start = n_sink + (first - n_sink) // step * step
@@ -294,23 +304,11 @@ def _attend_compressed_qmm(
     s: Softmax, qs: _Queries, keys: StreamView, values: StreamView, read: str
 ) -> Softmax:
     """``_attend_compressed`` for uniform-grid codes read in place (see the module docstring)."""
-    layout, offset, n_sink = keys.layout, keys.offset, keys.n_sink
-    if offset - 1 < layout.sink + layout.center:
+    reads = _compressed_reads(qs, keys, values)
+    if reads is None:
         return s
-    end = min(keys.n_quantized, offset - 1 - layout.fp_window)
-    L = qs.pos.shape[0]
-    first = n_sink
-    if qs.sliding_window is not None:
-        first = max(n_sink, offset - L - qs.sliding_window + 1)
-    if end <= first:
-        return s
-    q_rot = rotate(keys.to_code_order(qs.q), keys.spec)
-    means = None
-    if keys.means is not None:
-        means = (
-            rotate(keys.to_code_order(keys.means), keys.spec),
-            rotate(values.to_code_order(values.means), values.spec),
-        )
+    first, end, q_rot, means = reads
+    n_sink = keys.n_sink
     B, n_kv, rows, D = qs.q.shape
     if read == "auto":
         on_gpu = mx.default_device() == mx.gpu

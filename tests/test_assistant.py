@@ -98,17 +98,6 @@ def fitted(tiny_checkpoints, tmp_path_factory):
     return get
 
 
-def _collect_caches(monkeypatch, model) -> list:
-    made, build = [], model.make_cache
-
-    def make(policy=None):
-        made.append(build(policy))
-        return made[-1]
-
-    monkeypatch.setattr(model, "make_cache", make)
-    return made
-
-
 @pytest.mark.parametrize("kind", list(POLICIES))
 @pytest.mark.parametrize("name", list(tiny_assistant.ASSISTANT_FOR))
 def test_greedy_assistant_speculation_gives_the_greedy_tokens(name, kind, fitted, monkeypatch):
@@ -116,7 +105,7 @@ def test_greedy_assistant_speculation_gives_the_greedy_tokens(name, kind, fitted
     policy = POLICIES[kind]
     prompt = _prompt(48, seed=1)
     greedy = generate(model, tokenizer, prompt, N_NEW, kv_policy=policy)
-    caches = _collect_caches(monkeypatch, model)
+    caches = tiny.collect_caches(monkeypatch, model)
     spec = generate(
         model, tokenizer, prompt, N_NEW, kv_policy=policy, draft_model=assistant,
         num_draft_tokens=3,

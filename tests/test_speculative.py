@@ -60,17 +60,6 @@ def _prompt(n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(11, tiny.VOCAB, size=n)]
 
 
-def _collect_caches(monkeypatch, model) -> list:
-    made, build = [], model.make_cache
-
-    def make(policy=None):
-        made.append(build(policy))
-        return made[-1]
-
-    monkeypatch.setattr(model, "make_cache", make)
-    return made
-
-
 @pytest.mark.parametrize("kind", list(POLICIES))
 @pytest.mark.parametrize("name", list(tiny.TINY_CONFIGS))
 def test_greedy_speculative_decoding_gives_the_greedy_tokens(name, kind, pair, monkeypatch):
@@ -80,7 +69,7 @@ def test_greedy_speculative_decoding_gives_the_greedy_tokens(name, kind, pair, m
         pytest.skip("mlx's affine quantization needs a head dim divisible by 32")
     prompt = _prompt(48)
     greedy = generate(model, tokenizer, prompt, N_NEW, kv_policy=policy)
-    caches = _collect_caches(monkeypatch, model)
+    caches = tiny.collect_caches(monkeypatch, model)
     spec = generate(
         model, tokenizer, prompt, N_NEW, kv_policy=policy, draft_model=draft, num_draft_tokens=3
     )

@@ -164,3 +164,16 @@ def reference_logits(model, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor(np.asarray(tokens), dtype=torch.long), use_cache=False)
     return out.logits.float().numpy()
+
+
+def collect_caches(monkeypatch, model) -> list:
+    """Every cache list ``model.make_cache`` builds from now on (for tests that look inside the
+    caches a generate call used, e.g. that trims or compression happened)."""
+    made, build = [], model.make_cache
+
+    def make(policy=None):
+        made.append(build(policy))
+        return made[-1]
+
+    monkeypatch.setattr(model, "make_cache", make)
+    return made

@@ -193,6 +193,15 @@ class Engine:
             finish, len(prompt), hit.reused, generated, prompt_seconds, decode_seconds, hit.how
         )
 
+    def _emit(self, job: Job, token: int) -> bool:
+        """Report one sampled token; True when generation stops here (a stop token, which is
+        not sent, or the client halted the job)."""
+        self._progress(job)
+        if token in self.stop_ids:
+            return True
+        job.events.put(("token", token))
+        return job.halt.is_set()
+
     def _decode(self, job: Job, prompt: list[int], cache: list, sampler, banned) -> tuple:
         """Token by token from the prompt's last token -> (tokens the cache holds, finish
         reason, tokens generated)."""
@@ -209,12 +218,7 @@ class Engine:
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             token = int(sampler(logprobs).item())
             generated += 1
-            self._progress(job)
-            if token in self.stop_ids:
-                finish = "stop"
-                break
-            job.events.put(("token", token))
-            if job.halt.is_set():
+            if self._emit(job, token):
                 finish = "stop"
                 break
             if job.grammar is not None:
@@ -247,12 +251,7 @@ class Engine:
         try:
             for token, _, _ in steps:
                 out.append(token)
-                self._progress(job)
-                if token in self.stop_ids:
-                    finish = "stop"
-                    break
-                job.events.put(("token", token))
-                if job.halt.is_set():
+                if self._emit(job, token):
                     finish = "stop"
                     break
                 if len(out) >= job.max_tokens:

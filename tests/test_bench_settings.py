@@ -36,3 +36,12 @@ def test_unknown_setting_is_one_line_and_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'bogus'" in err and "affine4" in err
+
+
+def test_exact_cache_read_grouped_is_its_own_row():
+    chosen = choose(ALIASES, "fp32;exact:attention=grouped")
+    assert list(chosen) == ["fp32", "exact:attention=grouped"]
+    assert chosen["fp32"].attention == "sdpa" and chosen["exact:attention=grouped"].attention == (
+        "grouped"
+    )
+    assert choose(ALIASES, "exact:attention=grouped") == chosen  # the name picks it back

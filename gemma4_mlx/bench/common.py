@@ -83,8 +83,11 @@ def setting_name(policy: KVPolicy, baseline: str = "fp32") -> str:
     which ``KVPolicy.parse`` reads back), e.g. ``affine:4`` or
     ``turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,exact=bfloat16``.
     The exact cache is named ``baseline``, the dtype it holds (``fp32``: the models run float32
-    here)."""
-    return baseline if policy.kind == "exact" else str(policy)
+    here); an exact cache read another way than mlx-lm's (``exact:attention=grouped``) by its
+    text form, so that it is a row of its own."""
+    if policy.kind == "exact" and str(policy) == str(KVPolicy()):
+        return baseline
+    return str(policy)
 
 
 def named(*policies: KVPolicy, baseline: str = "fp32") -> dict[str, KVPolicy]:

@@ -60,6 +60,8 @@ CHUNK = 512  # prefill step, as generate's
 # command-line aliases of the settings (result names: common.setting_name)
 ALIASES = {
     "fp32": KVPolicy(),  # the exact cache in the model dtype (float32 here)
+    # the same exact cache read by one matmul per kv head (KVPolicy.attention; a row of its own)
+    "fp32-grouped": KVPolicy(attention="grouped"),
     "affine8": KVPolicy("affine", bits=8),
     "affine4": KVPolicy("affine", bits=4),
     "tq4": tq_policy(5, 3),

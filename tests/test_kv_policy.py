@@ -21,14 +21,14 @@ from gemma4_mlx.loading import load, load_model
         ("affine:4", "affine:4"),
         ("affine", "affine:4"),
         ("affine:8,group=32", "affine:8,group=32"),
-        ("turboquant", "turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse"),
-        ("turboquant:3.5", "turboquant:k5,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse"),
-        ("turboquant: k4 , window=64", "turboquant:k4,v2,tiers=4,sink=4,window=64,center=128,block=512,codec=mse"),
+        ("turboquant", "turboquant:k3.125,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=uniform"),
+        ("turboquant:3.5", "turboquant:k5,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=uniform"),
+        ("turboquant: k4 , window=64", "turboquant:k4,v2,tiers=4,sink=4,window=64,center=128,block=512,codec=mse,grid=uniform"),
         ("turboquant:codec=prod", "turboquant:k3,v2,tiers=0,sink=4,window=32,center=128,block=512,codec=prod"),
-        ("turboquant:center=0,block=64", "turboquant:k3,v2,tiers=0,sink=4,window=32,center=0,codec=mse"),
-        ("turboquant:k4.5,v2,exact=bfloat16,seed=3", "turboquant:k4.5,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,exact=bfloat16,seed=3"),
+        ("turboquant:center=0,block=64", "turboquant:k3,v2,tiers=0,sink=4,window=32,center=0,codec=mse,grid=uniform"),
+        ("turboquant:k4.5,v2,exact=bfloat16,seed=3", "turboquant:k4.5,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=uniform,exact=bfloat16,seed=3"),
         ("turboquant:grid=uniform,k3.125", "turboquant:k3.125,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=uniform"),
-        ("turboquant:grid=lloyd,attention=auto", "turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,attention=auto"),
+        ("turboquant:grid=lloyd,attention=auto", "turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=lloyd,attention=auto"),
         ("exact:attention=grouped", "exact:attention=grouped"),
         ("exact:attention=sdpa,rewind=4", "exact:rewind=4"),
         ("affine:4,attention=grouped,group=32", "affine:4,group=32,attention=grouped"),
@@ -113,7 +113,10 @@ def test_any_spec_text_parses_or_is_one_policy_error(kind, rest):
 
 def test_bits_are_stored_one_way():
     """``bits=`` is a constructor shorthand: the policy holds key and value bits only."""
-    assert KVPolicy("turboquant").resolved_bits() == (3, 2)  # the default
+    assert KVPolicy("turboquant").resolved_bits() == (3.125, 2)  # the default (uniform grid)
+    assert KVPolicy("turboquant", grid="lloyd").resolved_bits() == (3, 2)  # 1/8 bit less
+    assert KVPolicy("turboquant", key_tiers=0).resolved_bits() == (3, 2)  # 0.5-bit steps
+    assert KVPolicy("turboquant", codec="prod").resolved_bits() == (3, 2)
     assert KVPolicy("turboquant", bits=3.5).resolved_bits() == (5, 2)
     assert KVPolicy("turboquant", bits=3.5, key_bits=4).resolved_bits() == (4, 3)
     assert KVPolicy("turboquant", bits=3.5) == KVPolicy("turboquant", key_bits=5, value_bits=2)
@@ -190,7 +193,7 @@ def test_parse_takes_only_strings():
 
 # -- the policy bound to the model ---------------------------------------------------------------
 
-SMALL_TQ = "turboquant:k4,v2,tiers=2,sink=2,window=3,center=2,block=6,codec=mse"
+SMALL_TQ = "turboquant:k4,v2,tiers=2,sink=2,window=3,center=2,block=6,codec=mse,grid=uniform"
 
 
 def _layout(cache):

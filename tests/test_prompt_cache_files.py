@@ -22,7 +22,7 @@ from gemma4_mlx.prompt_files import (
 )
 
 PROMPT = [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58]
-TQ = "turboquant:k4,v2,tiers=2,sink=2,window=3,center=2,block=6,codec=mse"
+TQ = "turboquant:k4,v2,tiers=2,sink=2,window=3,center=2,block=6,codec=mse,grid=uniform"
 
 
 @pytest.fixture(scope="module")

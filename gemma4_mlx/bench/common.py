@@ -78,6 +78,12 @@ def default_policy() -> KVPolicy:
     return KVPolicy("turboquant", exact_dtype=EXACT)
 
 
+def lloyd_policy() -> KVPolicy:
+    """The previous default (``turboquant:grid=lloyd``: K3/V2, Lloyd-Max codes), exact tokens as
+    bfloat16: what the uniform-grid default was measured against."""
+    return KVPolicy("turboquant", grid="lloyd", exact_dtype=EXACT)
+
+
 def setting_name(policy: KVPolicy, baseline: str = "fp32") -> str:
     """A result name that says what a setting is: the policy's text form (``str(policy)``,
     which ``KVPolicy.parse`` reads back), e.g. ``affine:4`` or

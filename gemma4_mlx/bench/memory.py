@@ -69,7 +69,9 @@ AFFINE_PREFILL_MAX = 8 * K
 BASELINE = "bf16"  # the exact cache, holding bfloat16 keys/values
 
 
-def _tq(bits: float, **options) -> KVPolicy:
+def _tq(bits: float | None, **options) -> KVPolicy:
+    """A TurboQuant policy with the benchmarks' bfloat16 exact tokens (``bits`` None: the
+    default's bits)."""
     return KVPolicy("turboquant", bits=bits, exact_dtype=EXACT, **options)
 
 
@@ -78,8 +80,10 @@ ALIASES = {
     "bf16": KVPolicy(),  # the exact cache (the baseline: always run)
     "affine8": KVPolicy("affine", bits=8),
     "affine4": KVPolicy("affine", bits=4),
+    "tq": default_policy(),  # K3.125/V2, uniform grid
+    "tq-lloyd": _tq(DEFAULT_BITS, grid="lloyd"),  # the previous default: K3/V2, Lloyd-Max
     **{f"tq{b:g}": _tq(b) for b in sorted({2.5, 3.0, DEFAULT_BITS, 3.5, 4.0})},
-    "tq-rewind0": _tq(DEFAULT_BITS, max_rewind=0),  # the default without exact trims
+    "tq-rewind0": _tq(None, max_rewind=0),  # the default without exact trims
     "tq3.25-t0": _tq(3.25, key_tiers=0),  # the previous default: one rotation, one norm
     "tq3.5-nowin": _tq(3.5, fp_window=0, sink=0, center=0),
 }

@@ -53,6 +53,7 @@ from gemma4_mlx.bench.common import (
     default_policy,
     describe,
     greedy,
+    lloyd_policy,
     pyplot,
     result_name,
     settings_help,
@@ -79,6 +80,7 @@ QUESTION = "\n\nNow, what was the pass key? Answer: The pass key is"
 ALIASES = {
     "fp32": KVPolicy(),  # the exact cache in the model dtype (float32 here)
     "tq": default_policy(),
+    "tq-lloyd": lloyd_policy(),  # the previous default: K3/V2, Lloyd-Max codes
     "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
     "tq-k4": tq_policy(4, 2),
     "tq-w0": tq_policy(4.5, 2, window=0),

@@ -40,6 +40,7 @@ from gemma4_mlx.bench.common import (
     default_policy,
     describe,
     global_bits,
+    lloyd_policy,
     named,
     pyplot,
     result_name,
@@ -58,6 +59,7 @@ ALIASES = {
     "affine8": KVPolicy("affine", bits=8),
     "affine4": KVPolicy("affine", bits=4),
     "tq": default_policy(),
+    "tq-lloyd": lloyd_policy(),  # the previous default: K3/V2, Lloyd-Max codes
     "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
 }
 
@@ -73,8 +75,8 @@ def settings(quick: bool | None) -> dict[str, KVPolicy]:
             KVPolicy(),
             affine4,
             default_policy(),
+            lloyd_policy(),  # the previous default: K3/V2, Lloyd-Max codes
             tq_policy(3.5, 2, tiers=4),
-            tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
         )
     return named(
         KVPolicy(),

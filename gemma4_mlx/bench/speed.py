@@ -47,6 +47,7 @@ from gemma4_mlx.bench.common import (
     default_policy,
     describe,
     greedy,
+    lloyd_policy,
     pyplot,
     result_name,
     settings_help,
@@ -66,6 +67,7 @@ ALIASES = {
     "affine4": KVPolicy("affine", bits=4),
     "tq4": tq_policy(5, 3),
     "tq": default_policy(),
+    "tq-lloyd": lloyd_policy(),  # the previous default: K3/V2, Lloyd-Max codes
     "tq-t0": tq_policy(4.5, 2),  # the previous default: one rotation over all key channels
     "tq-w0": tq_policy(4.5, 2, window=0),
 }

@@ -10,7 +10,7 @@ layers, which hold nearly all KV memory at long context, get what the policy say
   weights compute in; ``describe(dtype)`` names it). ``fp16`` is accepted as an old name for it;
 - ``affine:B``: mlx-lm's QuantizedKVCache (group-wise affine, B in 2..8 bits), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: the default K3/V2), the first ``sink`` tokens and each query's ``window`` most recent
+  Gemma: the default K3.125/V2 with the uniform grid), the first ``sink`` tokens and each query's ``window`` most recent
   tokens read exact, keys and values centred on the mean of the ``center`` tokens after the sink
   (and, with ``block``, each later block of that many tokens on the mean of the block before it),
   key channels in up to ``tiers`` tiers by their variance over the centring tokens (strong

@@ -91,8 +91,8 @@ KV_BITS = typer.Option(
     "--kv-bits",
     parser=finite_float,
     metavar="BITS",
-    help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2) "
-    "or the affine bits.",
+    help="Quantize the KV cache: turboquant's average key/value bits (2.5 = K3/V2, 3.5 = K5/V2; "
+    "without bits options: K3.125/V2) or the affine bits.",
 )
 KEY_BITS = typer.Option(
     None,

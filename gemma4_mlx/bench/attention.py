@@ -11,8 +11,10 @@ Methods (each a function of the query only, the cache filled before timing):
 - ``grouped_fp32``: the same exact attention as one matmul per kv head with its query heads as
   rows (``gemma4_mlx.models.attention.grouped_attention``);
 - ``affine4``: mlx-lm's ``quantized_scaled_dot_product_attention`` over its 4-bit group-64 cache;
-- ``tq_lloyd``: TurboQuant K3/V2, 4 key tiers, Lloyd-Max codes, decoded block by block;
-- ``tq_uniform``: the same layout with uniform-grid codes read by ``mx.quantized_matmul``;
+- ``tq_lloyd``: TurboQuant K3/V2, 4 key tiers, Lloyd-Max codes (the previous default),
+  decoded block by block;
+- ``tq_uniform``: the default, K3.125/V2 with uniform-grid codes read by
+  ``mx.quantized_matmul``;
 - ``tq_uniform_dequant`` (demo shape): uniform codes dequantized per block, then BLAS.
 Rounds are interleaved (every method once per round, in turn) and each ratio is the median of
 the per-round time ratios to ``sdpa_fp32``, so a slower moment of the shared CPU falls on all.
@@ -46,7 +48,9 @@ from turboquant.stream import CompressedStream, Layout
 
 SHAPES = {"31b-global": (32, 4, 512), "demo": (4, 1, 256)}  # (q heads, kv heads, head dim)
 LAYOUT = Layout(sink=4, fp_window=32, max_rewind=16, center=128, center_block=512)
-KEY_BITS, VALUE_BITS, KEY_TIERS = 3, 2, 4  # the default TurboQuant setting
+# the default TurboQuant setting (uniform grid: K3.125) and the previous one (Lloyd-Max: K3)
+KEY_BITS = {"uniform": 3.125, "lloyd": 3}
+VALUE_BITS, KEY_TIERS = 2, 4
 EXACT_BYTES = 2  # exact TurboQuant tokens as bfloat16, as on a Mac
 
 
@@ -60,7 +64,7 @@ def _keys_values(T: int, n_kv: int, D: int, seed: int) -> tuple[mx.array, mx.arr
 
 def _streams(k: mx.array, v: mx.array, grid: str):
     D = k.shape[-1]
-    keys = CompressedStream(CodecSpec(D, KEY_BITS, grid=grid), LAYOUT, KEY_TIERS, mx.bfloat16)
+    keys = CompressedStream(CodecSpec(D, KEY_BITS[grid], grid=grid), LAYOUT, KEY_TIERS, mx.bfloat16)
     values = CompressedStream(CodecSpec(D, VALUE_BITS, grid=grid), LAYOUT, 0, mx.bfloat16)
     for a in range(0, k.shape[2], 4096):  # as a chunked prefill fills them
         kv, vv = keys.append(k[:, :, a : a + 4096]), values.append(v[:, :, a : a + 4096])
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     rounds = args.rounds or (2 if args.quick else 5)
     name = "attention_quick" if args.quick else "attention"
     payload = {"shapes": {s: SHAPES[s] for s in shapes}, "lengths": lengths, "rounds": rounds,
-               "setting": f"K{KEY_BITS}/V{VALUE_BITS}, {KEY_TIERS} key tiers, {LAYOUT}",
+               "setting": f"K{KEY_BITS['uniform']:g} uniform / K{KEY_BITS['lloyd']:g} Lloyd-Max, "
+                          f"V{VALUE_BITS}, {KEY_TIERS} key tiers, {LAYOUT}",
                "results": {}, "checks": []}  # fmt: skip
     t0 = time.perf_counter()
     for shape in shapes:

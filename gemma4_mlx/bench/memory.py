@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("--contexts", type=positive_ints, default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--settings", default="all", help=settings_help(ALIASES, "all"))
     ap.add_argument("--no-peak", action="store_true", help="skip part 2 (peak memory)")
+    ap.add_argument(
+        "--peak-contexts",
+        type=positive_ints,
+        default=None,
+        help="part 2's decode contexts (default 8192,32768,131072; prefill at those <= 32K)",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]  # in this order
@@ -314,6 +320,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     settings = choose(ALIASES, args.settings, baseline=BASELINE)
     name = result_name("memory", args.quick)
     peak_contexts = [8 * K] if args.quick else [8 * K, 32 * K, 128 * K]
+    if args.peak_contexts:
+        peak_contexts = sorted(args.peak_contexts)
 
     rows: list[dict] = []
     peaks: list[dict] = []
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             rows.extend(got)
             write()
     if not args.no_peak:
-        prefill_contexts = [] if args.quick else [8 * K, 32 * K]
+        prefill_contexts = [] if args.quick else [c for c in peak_contexts if c <= 32 * K]
         peaks += attention_peaks(PEAK_SETTINGS, peak_contexts, prefill_contexts)
         write()
     for c in checks(rows, peaks):

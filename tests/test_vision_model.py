@@ -249,21 +249,42 @@ def test_image_after_cached_text_matches_transformers(name, tiny_mm):
     _compare(f"{name} {n} cached text tokens then images", np.concatenate([first, rest], 1), theirs)
 
 
-def test_turboquant_cache_runs_image_prompts(tiny_mm):
-    """Global layers stay causal, so the TurboQuant cache takes image prompts unchanged."""
+def test_turboquant_cache_runs_image_prompts(tiny_mm, monkeypatch):
+    """Global layers stay causal, so the TurboQuant cache takes image prompts unchanged: the
+    global layer's attention output is the exact cache's to within K8/V8's error.
+
+    The logits are compared by their top-1 only: in this tiny MoE a change of ~0.04 in one
+    position's attention output can flip that token's expert choice (a jump of ~0.5 in its
+    logits with the uniform grid at rotation seeds 0-2, 0.01 elsewhere), a discontinuity of the
+    router, not of the cache."""
+    import gemma4_mlx.models.text as text
     from gemma4_mlx.cache import KVPolicy
 
     _, _, model = tiny_mm("26b")
     feats = _images()
     ids = _prompt(feats["num_soft_tokens_per_image"])
     kw = _ours_kwargs(ids, feats, model.media_tokens)
+    real, seen = text.attend, []
+
+    def record(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(text, "attend", record)
     exact = np.array(model(mx.array(ids), cache=model.make_cache(), **kw))
+    exact_global = np.array(seen[-1])  # the last layer is the global one
     cache = model.make_cache(KVPolicy(kind="turboquant", bits=8.0))  # K8/V8: near exact
     tq = np.array(model(mx.array(ids), cache=cache, **kw))
+    tq_global = np.array(seen[-1])
     step = np.array(model(mx.array([[7]]), cache=cache))
-    err = float(np.abs(tq - exact).max())
-    print(f"turboquant K8/V8 vs exact cache on an image prompt: max |logit diff| {err:.3e}")
-    assert np.isfinite(step).all() and err < 0.1
+    attn_err = float(np.abs(tq_global - exact_global).max())
+    top1 = float((tq.argmax(-1) == exact.argmax(-1)).mean())
+    print(
+        f"turboquant K8/V8 vs exact cache on an image prompt: global attention max |diff| "
+        f"{attn_err:.3e}, logits max |diff| {np.abs(tq - exact).max():.3e}, top-1 {top1:.3f}"
+    )
+    assert type(cache[-1]).__name__ == "TurboQuantKVCache"  # the global layer's, compressed
+    assert np.isfinite(step).all() and attn_err < 0.1 and top1 >= 0.97
 
 
 def test_float16_pool_scale_standardize_run_in_float32(tiny_mm, monkeypatch):

@@ -25,9 +25,10 @@ layers, which hold nearly all KV memory at long context, get what the policy say
 
 Exact attention (``attention=``, every kind: the sliding layers, the exact global cache): ``sdpa``
 (mlx-lm's path, ``mx.fast.scaled_dot_product_attention``), ``grouped`` (one matmul per kv head
-with its query heads as rows: on the CPU 2.2-7x faster for decode, 1.1-1.2x for prefill, as
-benchmarks/attention.py measures, because MLX's CPU SDPA runs one matrix-vector product per
-query head) or ``auto`` (grouped on the CPU, the fused SDPA kernel on a GPU). TurboQuant's own
+with its query heads as rows: on the CPU 1.9-4.5x faster for a decode step's attention
+(benchmarks/attention.py), 1.03-1.2x for the demo model's whole decode step and about equal for
+prefill (benchmarks/speed.py), because MLX's CPU SDPA runs one matrix-vector product per query
+head) or ``auto`` (grouped on the CPU, the fused SDPA kernel on a GPU). TurboQuant's own
 exact tokens are always read grouped.
 
 A policy has one text form, ``str(policy)``, which ``KVPolicy.parse`` reads back (the CLI's
@@ -75,7 +76,7 @@ DEFAULT_AFFINE_BITS = 4
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mlx's affine quantization packs
 DEFAULT_TIERS = 4  # key channel tiers (measured on Gemma 3 270M weights: README)
 EXACT_DTYPES = ("float16", "bfloat16", "float32")
-# The uniform grid, read in place by mx.quantized_matmul (1.5-3.3x Lloyd-Max's decode speed on
+# The uniform grid, read in place by mx.quantized_matmul (1.7-3.9x Lloyd-Max's decode speed on
 # this CPU), with 1/8 more key bit where key tiers apply: quality.py --long and needle.py found
 # it within the rule (+0.2 points of perplexity, 10% KL, needle equal) of Lloyd-Max K3 (README)
 DEFAULT_GRID = "uniform"

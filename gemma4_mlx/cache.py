@@ -10,8 +10,8 @@ layers, which hold nearly all KV memory at long context, get what the policy say
   weights compute in; ``describe(dtype)`` names it). ``fp16`` is accepted as an old name for it;
 - ``affine:B``: mlx-lm's QuantizedKVCache (group-wise affine, B in 2..8 bits), for comparison;
 - ``turboquant``: our TurboQuantKVCache with separate key and value bits (keys decide quality on
-  Gemma: the default K3.125/V2 with the uniform grid), the first ``sink`` tokens and each query's ``window`` most recent
-  tokens read exact, keys and values centred on the mean of the ``center`` tokens after the sink
+  Gemma: the default K3.125/V2 with the uniform grid), the first ``sink`` tokens and each
+  query's ``window`` most recent tokens read exact, keys and values centred on the mean of the ``center`` tokens after the sink
   (and, with ``block``, each later block of that many tokens on the mean of the block before it),
   key channels in up to ``tiers`` tiers by their variance over the centring tokens (strong
   channels get more of the key bits), codec ``mse`` (with norm correction) or ``prod`` (MSE at
@@ -264,7 +264,7 @@ class KVPolicy:
             raise KVPolicyError("grid", "uniform is for the mse codec only")
         key, value = self._split(bits)
         low, high = (2, 9) if self.codec == "prod" else (1, 8)
-        tiered = self.key_tiers != 0 and self.center and self.codec == "mse"
+        tiered = self._tiered()
         for name, b in (("key_bits", key), ("value_bits", value)):
             # with key tiers the tier planner spends any multiple of 1/8 bit a channel
             eighths = name == "key_bits" and tiered
@@ -286,12 +286,15 @@ class KVPolicy:
             )
         set_(self, "key_tiers", tiers)
 
+    def _tiered(self) -> bool:
+        """Whether key tiers apply (asked for or left to the default, centring on, mse codec)."""
+        return bool(self.key_tiers != 0 and self.center and self.codec == "mse")
+
     def _split(self, bits: float | None) -> tuple[float, float]:
         """(key bits, value bits) from the average ``bits`` and/or the explicit ones."""
         if bits is None:
             k_default, v_default = DEFAULT_SPLITS[DEFAULT_BITS]
-            tiered = self.key_tiers != 0 and self.center and self.codec == "mse"
-            if self.grid == "uniform" and tiered:
+            if self.grid == "uniform" and self._tiered():
                 k_default = DEFAULT_UNIFORM_KEY_BITS
             if self.key_bits is None and self.value_bits is None:
                 return k_default, v_default

@@ -87,7 +87,8 @@ def lloyd_policy() -> KVPolicy:
 def setting_name(policy: KVPolicy, baseline: str = "fp32") -> str:
     """A result name that says what a setting is: the policy's text form (``str(policy)``,
     which ``KVPolicy.parse`` reads back), e.g. ``affine:4`` or
-    ``turboquant:k3,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,exact=bfloat16``.
+    ``turboquant:k3.125,v2,tiers=4,sink=4,window=32,center=128,block=512,codec=mse,grid=uniform,``
+    ``exact=bfloat16``.
     The exact cache is named ``baseline``, the dtype it holds (``fp32``: the models run float32
     here); an exact cache read another way than mlx-lm's (``exact:attention=grouped``) by its
     text form, so that it is a row of its own."""

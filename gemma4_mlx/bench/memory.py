@@ -47,6 +47,7 @@ from gemma4_mlx.bench.common import (
     choose,
     default_policy,
     describe,
+    lloyd_policy,
     named,
     result_name,
     setting_name,
@@ -81,7 +82,7 @@ ALIASES = {
     "affine8": KVPolicy("affine", bits=8),
     "affine4": KVPolicy("affine", bits=4),
     "tq": default_policy(),  # K3.125/V2, uniform grid
-    "tq-lloyd": _tq(DEFAULT_BITS, grid="lloyd"),  # the previous default: K3/V2, Lloyd-Max
+    "tq-lloyd": lloyd_policy(),  # the previous default: K3/V2, Lloyd-Max codes
     **{f"tq{b:g}": _tq(b) for b in sorted({2.5, 3.0, DEFAULT_BITS, 3.5, 4.0})},
     "tq-rewind0": _tq(None, max_rewind=0),  # the default without exact trims
     "tq3.25-t0": _tq(3.25, key_tiers=0),  # the previous default: one rotation, one norm

@@ -15,13 +15,12 @@ import pytest
 import tiny
 import tiny_assistant
 from scipy.stats import chisquare
-from tiny_tokenizer import write_tokenizer
 
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.errors import BadArgument, UserError
 from gemma4_mlx.generate import SamplingOptions, generate
 from gemma4_mlx.kv.cache import TurboQuantKVCache
-from gemma4_mlx.loading import load_assistant, load_model, load_tokenizer
+from gemma4_mlx.loading import load_assistant
 from gemma4_mlx.speculative import TargetKV
 
 N_NEW = 24
@@ -32,9 +31,7 @@ POLICIES = {
 }
 
 
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    # ids from 11: past <eos> (1) and the chat markers, so no prompt token is a stop token
-    return [int(t) for t in np.random.default_rng(seed).integers(11, tiny.VOCAB, size=n)]
+_prompt = tiny.prompt_ids
 
 
 def fit_head(target, assistant, sequences: list[list[int]], start: int) -> None:
@@ -76,13 +73,9 @@ def fitted(tiny_checkpoints, tmp_path_factory):
 
     def get(name: str):
         if name not in made:
-            target_dir = tiny_checkpoints(name)[0]
-            tok_dir = tmp_path_factory.mktemp(f"tok-{name}")
-            write_tokenizer(tok_dir)
+            model, _, tokenizer = tiny.load_target(name, tiny_checkpoints, tmp_path_factory)
             out = tmp_path_factory.mktemp(f"assistant-{name}")
             tiny_assistant.write_assistant(name, out)
-            model, config = load_model(target_dir)
-            tokenizer = load_tokenizer(tok_dir, config)
             assistant = load_assistant(out)[0]
             # the test prompts' greedy continuations with each cache (compression changes them)
             prompts = [_prompt(48, seed) for seed in range(3)]

@@ -13,13 +13,12 @@ import pytest
 import tiny
 from mlx.utils import tree_map
 from scipy.stats import chisquare
-from tiny_tokenizer import write_tokenizer
 
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.errors import BadArgument
 from gemma4_mlx.generate import SamplingOptions, generate
 from gemma4_mlx.kv.cache import TurboQuantKVCache
-from gemma4_mlx.loading import load_model, load_tokenizer
+from gemma4_mlx.loading import load_model
 
 N_NEW = 24
 # The differently seeded model's share of the draft's weights: enough that the draft is often
@@ -40,24 +39,19 @@ def pair(tiny_checkpoints, tmp_path_factory):
 
     def get(name: str):
         if name not in made:
-            target_dir = tiny_checkpoints(name)[0]
-            tok_dir = tmp_path_factory.mktemp(f"tok-{name}")
-            write_tokenizer(tok_dir)
+            model, _, tokenizer = tiny.load_target(name, tiny_checkpoints, tmp_path_factory)
             draft_dir = tiny.write_checkpoint(name, tmp_path_factory.mktemp(f"draft-{name}"), 1)[0]
-            model, config = load_model(target_dir)
             draft, _ = load_model(draft_dir)
             share = DRAFT_MIX.get(name, 0.1)
             mix = lambda own, other: (1 - share) * own + share * other  # noqa: E731
             draft.update(tree_map(mix, model.parameters(), draft.parameters()))
-            made[name] = (model, load_tokenizer(tok_dir, config), draft)
+            made[name] = (model, tokenizer, draft)
         return made[name]
 
     return get
 
 
-def _prompt(n: int, seed: int = 0) -> list[int]:
-    # ids from 11: past <eos> (1) and the chat markers, so no prompt token is a stop token
-    return [int(t) for t in np.random.default_rng(seed).integers(11, tiny.VOCAB, size=n)]
+_prompt = tiny.prompt_ids
 
 
 @pytest.mark.parametrize("kind", list(POLICIES))

@@ -177,3 +177,22 @@ def collect_caches(monkeypatch, model) -> list:
 
     monkeypatch.setattr(model, "make_cache", make)
     return made
+
+
+def prompt_ids(n: int, seed: int = 0) -> list[int]:
+    """n random prompt ids from 11 on: past <eos> (1) and the chat markers, so that no prompt
+    token is a stop token."""
+    return [int(t) for t in np.random.default_rng(seed).integers(11, VOCAB, size=n)]
+
+
+def load_target(name: str, tiny_checkpoints, tmp_path_factory) -> tuple:
+    """(model, config, tokenizer) of the session's tiny ``name`` checkpoint, with a tokenizer
+    of its own (the speculative and assistant tests' target)."""
+    from tiny_tokenizer import write_tokenizer
+
+    from gemma4_mlx.loading import load_model, load_tokenizer
+
+    tok_dir = tmp_path_factory.mktemp(f"tok-{name}")
+    write_tokenizer(tok_dir)
+    model, config = load_model(tiny_checkpoints(name)[0])
+    return model, config, load_tokenizer(tok_dir, config)

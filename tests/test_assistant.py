@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import tiny
 import tiny_assistant
-from scipy.stats import chisquare
 
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.errors import BadArgument, UserError
-from gemma4_mlx.generate import SamplingOptions, generate
+from gemma4_mlx.generate import generate
 from gemma4_mlx.kv.cache import TurboQuantKVCache
 from gemma4_mlx.loading import load_assistant
 from gemma4_mlx.speculative import TargetKV
@@ -151,39 +150,13 @@ def test_chat_with_an_assistant_drafter_answers_as_without(tiny_chat_model, fitt
     assert drafted > 0
 
 
-def _top_k_probs(logits: mx.array, k: int) -> dict[int, float]:
-    logits = np.array(logits.astype(mx.float32)).astype(np.float64)
-    top = np.argsort(-logits)[:k]
-    p = np.exp(logits[top] - logits[top].max())
-    return dict(zip(top.tolist(), (p / p.sum()).tolist()))
-
-
 def test_sampled_assistant_tokens_have_the_target_distribution(fitted):
     """The first two sampled tokens over many seeds (the second drafted, kept or replaced by
     the residual rule): their joint distribution is the target's own (temperature 1, top-k 4),
     by a chi-square test."""
     model, tokenizer, assistant, _ = fitted("26b")
-    prompt, k, draws = _prompt(48, seed=0), 4, 1200  # a prompt the head was fitted on
-    first = _top_k_probs(model(mx.array([prompt]))[0, -1], k)
-    expected = {}
-    for t1, p1 in first.items():
-        for t2, p2 in _top_k_probs(model(mx.array([prompt + [t1]]))[0, -1], k).items():
-            expected[(t1, t2)] = p1 * p2
-    counts = dict.fromkeys(expected, 0)
-    accepted = drafted = 0
-    for seed in range(draws):
-        sampling = SamplingOptions(temp=1.0, top_k=k, seed=seed)
-        r = generate(  # the prefill's token, then one step: a draft kept (+1) or replaced
-            model, tokenizer, prompt, 3, sampling, draft_model=assistant, num_draft_tokens=1
-        )
-        counts[tuple(r.tokens[:2])] += 1  # a pair outside the target's top-k: a KeyError
-        accepted, drafted = accepted + r.accepted_tokens, drafted + r.drafted_tokens
-    keys = sorted(expected)
-    observed = np.array([counts[key] for key in keys])
-    stat, p_value = chisquare(observed, np.array([expected[key] for key in keys]) * draws)
-    print(
-        f"accepted {accepted}/{drafted} drafts; chi2 {stat:.1f} over {len(keys)} bins, p {p_value:.3f}"
-    )
+    prompt = _prompt(48, seed=0)  # a prompt the head was fitted on
+    p_value, accepted, drafted = tiny.sampled_pair_test(model, tokenizer, prompt, assistant, 1)
     assert 0 < accepted < drafted
     assert p_value > 1e-3
 

@@ -7,16 +7,13 @@ are trimmed back), which every test asserts happened.
 
 import json
 
-import mlx.core as mx
-import numpy as np
 import pytest
 import tiny
 from mlx.utils import tree_map
-from scipy.stats import chisquare
 
 from gemma4_mlx.cache import KVPolicy
 from gemma4_mlx.errors import BadArgument
-from gemma4_mlx.generate import SamplingOptions, generate
+from gemma4_mlx.generate import generate
 from gemma4_mlx.kv.cache import TurboQuantKVCache
 from gemma4_mlx.loading import load_model
 
@@ -102,35 +99,12 @@ def test_a_draft_longer_than_the_cache_rewind_is_refused_before_generating(pair)
         generate(model, tokenizer, _prompt(16), 8, draft_model=draft, num_draft_tokens=0)
 
 
-def _top_k_probs(logits: mx.array, k: int) -> dict[int, float]:
-    logits = np.array(logits.astype(mx.float32)).astype(np.float64)
-    top = np.argsort(-logits)[:k]
-    p = np.exp(logits[top] - logits[top].max())
-    return dict(zip(top.tolist(), (p / p.sum()).tolist()))
-
-
 def test_sampled_speculative_tokens_have_the_target_distribution(pair):
     """The first two sampled tokens (the first is a draft step too) over many seeds: their
     joint distribution is the target's own (temperature 1, top-k 4), by a chi-square test."""
     model, tokenizer, draft = pair("gemma3")
-    prompt, k, draws = _prompt(12, seed=3), 4, 1200
-    first = _top_k_probs(model(mx.array([prompt]))[0, -1], k)
-    expected = {}
-    for t1, p1 in first.items():
-        for t2, p2 in _top_k_probs(model(mx.array([prompt + [t1]]))[0, -1], k).items():
-            expected[(t1, t2)] = p1 * p2
-    counts = dict.fromkeys(expected, 0)
-    accepted = drafted = 0
-    for seed in range(draws):
-        sampling = SamplingOptions(temp=1.0, top_k=k, seed=seed)
-        r = generate(model, tokenizer, prompt, 3, sampling, draft_model=draft, num_draft_tokens=2)
-        counts[tuple(r.tokens[:2])] += 1  # a pair outside the target's top-k: a KeyError
-        accepted, drafted = accepted + r.accepted_tokens, drafted + r.drafted_tokens
-    keys = sorted(expected)
-    observed = np.array([counts[key] for key in keys])
-    stat, p_value = chisquare(observed, np.array([expected[key] for key in keys]) * draws)
-    print(
-        f"accepted {accepted}/{drafted} drafts; chi2 {stat:.1f} over {len(keys)} bins, p {p_value:.3f}"
+    p_value, accepted, drafted = tiny.sampled_pair_test(
+        model, tokenizer, tiny.prompt_ids(12, 3), draft, 2
     )
     assert 0 < accepted < drafted
     assert p_value > 1e-3

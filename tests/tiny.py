@@ -196,3 +196,45 @@ def load_target(name: str, tiny_checkpoints, tmp_path_factory) -> tuple:
     write_tokenizer(tok_dir)
     model, config = load_model(tiny_checkpoints(name)[0])
     return model, config, load_tokenizer(tok_dir, config)
+
+
+def _top_k_probs(logits, k: int) -> dict[int, float]:
+    import mlx.core as mx
+
+    logits = np.array(logits.astype(mx.float32)).astype(np.float64)
+    top = np.argsort(-logits)[:k]
+    p = np.exp(logits[top] - logits[top].max())
+    return dict(zip(top.tolist(), (p / p.sum()).tolist()))
+
+
+def sampled_pair_test(model, tokenizer, prompt, draft, num_draft_tokens, k=4, draws=1200):
+    """(p value, accepted, drafted): the first two tokens ``generate`` samples with ``draft``
+    (temperature 1, top-k ``k``) over ``draws`` seeds, against the target's own joint
+    distribution of them, by a chi-square test (a pair outside the top-k raises KeyError)."""
+    import mlx.core as mx
+    from scipy.stats import chisquare
+
+    from gemma4_mlx.generate import SamplingOptions, generate
+
+    first = _top_k_probs(model(mx.array([prompt]))[0, -1], k)
+    expected = {}
+    for t1, p1 in first.items():
+        for t2, p2 in _top_k_probs(model(mx.array([prompt + [t1]]))[0, -1], k).items():
+            expected[(t1, t2)] = p1 * p2
+    counts = dict.fromkeys(expected, 0)
+    accepted = drafted = 0
+    for seed in range(draws):
+        sampling = SamplingOptions(temp=1.0, top_k=k, seed=seed)
+        r = generate(
+            model, tokenizer, prompt, 3, sampling, draft_model=draft,
+            num_draft_tokens=num_draft_tokens,
+        )  # fmt: skip
+        counts[tuple(r.tokens[:2])] += 1
+        accepted, drafted = accepted + r.accepted_tokens, drafted + r.drafted_tokens
+    keys = sorted(expected)
+    observed = np.array([counts[key] for key in keys])
+    stat, p_value = chisquare(observed, np.array([expected[key] for key in keys]) * draws)
+    print(
+        f"accepted {accepted}/{drafted} drafts; chi2 {stat:.1f} over {len(keys)} bins, p {p_value:.3f}"
+    )
+    return p_value, accepted, drafted
